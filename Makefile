@@ -1,0 +1,50 @@
+# The interface: `make demo` and `make test` are the whole set-up on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.install-stamp
+DATA   := data/stdlib
+# The demo's two data-parallel processes on CPU; one thread each keeps them off each other's core.
+NPROC  ?= 2
+
+.PHONY: install demo data test test-fast lint format docs bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# DS_BUILD_OPS=0: DeepSpeed installs as pure Python, no op is compiled.
+	DS_BUILD_OPS=0 $(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+data: $(DATA)/dataset.json
+
+$(DATA)/dataset.json: | $(STAMP)
+	$(BIN)/pretrain-data build --stdlib --out $(DATA) --vocab-size 4096
+
+demo: install data
+	$(BIN)/pretrain-launch configs/demo.yaml --nproc-per-node $(NPROC)
+
+test: install
+	$(BIN)/pytest -q
+
+test-fast: install
+	$(BIN)/pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+docs: install
+	$(BIN)/python -m pretrain.config > docs/config.md
+
+bench: install data
+	$(BIN)/python benchmarks/throughput.py
+
+clean:
+	rm -rf runs data build *.egg-info

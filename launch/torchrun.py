@@ -1,0 +1,49 @@
+"""torchrun command lines built from a run config. Imports no torch: runs on login nodes."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass
+
+from pretrain.config import Config
+
+
+@dataclass(frozen=True)
+class Topology:
+    nnodes: int = 1
+    nproc_per_node: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+
+def torchrun_command(
+    config_path: str, overrides: list[str], topo: Topology, python: str = sys.executable
+) -> list[str]:
+    """The argv that starts this node's ranks of a training run."""
+    cmd = [python, "-m", "torch.distributed.run", f"--nproc-per-node={topo.nproc_per_node}"]
+    if topo.nnodes == 1:
+        cmd.append("--standalone")  # a private rendezvous on a free local port
+    else:
+        cmd += [
+            f"--nnodes={topo.nnodes}",
+            f"--node-rank={topo.node_rank}",
+            f"--master-addr={topo.master_addr}",
+            f"--master-port={topo.master_port}",
+        ]
+    return cmd + ["-m", "pretrain.train", config_path, *overrides]
+
+
+def check_topology(cfg: Config, topo: Topology) -> None:
+    """Raise ConfigError now if the world size does not fit the parallel layout, rather than
+    after every node has imported torch."""
+    cfg.parallel.layout(topo.world_size)
+
+
+def render(cmd: list[str]) -> str:
+    return shlex.join(cmd)

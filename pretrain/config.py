@@ -1,0 +1,543 @@
+"""Typed run configuration: YAML in, validated dataclasses out.
+
+One dataclass per section (run, model, data, optim, parallel, checkpoint, tracking). Decoding is
+strict: an unknown key is rejected with the closest valid name, a wrong type or an invalid value
+raises ConfigError naming the field, the value and the fix. Everything here runs before any
+process group exists, so a bad config fails fast on a login node. This module imports only the
+standard library and yaml (the launchers import it on machines without torch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. The message names the field, the value and the fix."""
+
+    def __init__(self, field_name: str, value: Any, fix: str):
+        self.field_name, self.value, self.fix = field_name, value, fix
+        super().__init__(f"config {field_name}={value!r}: {fix}")
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with its documentation attached (rendered by `describe()`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def _need(ok: bool, name: str, value: Any, fix: str) -> None:
+    if not ok:
+        raise ConfigError(name, value, fix)
+
+
+@dataclass
+class RunConfig:
+    name: str = _f("run", "Run name; the run directory is `output_dir/name`.")
+    output_dir: str = _f("runs", "Parent directory of run directories.")
+    seed: int = _f(1234, "Seed for weight init, data order and dropout.")
+    train_steps: int = _f(100, "Optimizer steps of the whole run.")
+    log_interval: int = _f(10, "Print and record train metrics every N steps.")
+    eval_interval: int = _f(50, "Validation every N steps (0: only at the end).")
+    eval_batches: int = _f(4, "Global batches of the validation split per evaluation.")
+    resume: str = _f(
+        "auto",
+        "'auto': continue from the latest complete checkpoint of the run directory; "
+        "'never': start fresh (refuses a run directory that holds checkpoints); "
+        "or a path to a checkpoint directory.",
+    )
+    exit_after_steps: int | None = _f(
+        None,
+        "Save a checkpoint and exit after this many steps of this launch (as a preempted "
+        "job would); the next launch resumes.",
+    )
+    exit_after_minutes: float | None = _f(
+        None, "Save a checkpoint and exit once this launch has run this long (Slurm time limits)."
+    )
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "'auto' uses CUDA when present.")
+    precision: Literal["fp32", "bf16"] = _f("fp32", "bf16 mixed precision through DeepSpeed.")
+    sample_prompt: str = _f("", "Prompt for a sample generated at the end of training.")
+    sample_tokens: int = _f(0, "Tokens to sample at the end of training (0: none).")
+
+    def validate(self) -> None:
+        _need(
+            bool(self.name) and "/" not in self.name,
+            "run.name",
+            self.name,
+            "use a non-empty name without '/'",
+        )
+        for name in ("train_steps", "log_interval"):
+            _need(
+                getattr(self, name) >= 1, f"run.{name}", getattr(self, name), "use an integer >= 1"
+            )
+        for name in ("eval_interval", "eval_batches", "sample_tokens"):
+            _need(
+                getattr(self, name) >= 0, f"run.{name}", getattr(self, name), "use an integer >= 0"
+            )
+        if self.exit_after_steps is not None:
+            _need(
+                self.exit_after_steps >= 1,
+                "run.exit_after_steps",
+                self.exit_after_steps,
+                "use an integer >= 1, or null to run to the end",
+            )
+        if self.exit_after_minutes is not None:
+            _need(
+                self.exit_after_minutes > 0,
+                "run.exit_after_minutes",
+                self.exit_after_minutes,
+                "use a positive number of minutes, or null",
+            )
+        _need(
+            self.resume in ("auto", "never") or bool(self.resume.strip()),
+            "run.resume",
+            self.resume,
+            "use 'auto', 'never' or a checkpoint directory",
+        )
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+@dataclass
+class ModelConfig:
+    family: Literal["gpt"] = _f("gpt", "Model family.")
+    n_layers: int = _f(4, "Transformer blocks.")
+    d_model: int = _f(128, "Hidden size.")
+    n_heads: int = _f(4, "Attention heads.")
+    ffn_hidden: int | None = _f(None, "MLP hidden size (null: 4 * d_model).")
+    seq_len: int = _f(128, "Tokens per training sequence.")
+    vocab_size: int | None = _f(
+        None, "Embedding rows (null: the dataset tokenizer's size, padded to vocab_multiple)."
+    )
+    vocab_multiple: int = _f(64, "Pad the vocabulary to a multiple of this times TP (speed).")
+    positions: Literal["learned", "rope"] = _f("learned", "Learned absolute or rotary positions.")
+    rope_theta: float = _f(10000.0, "Rotary base frequency.")
+    dropout: float = _f(0.0, "Dropout on attention probabilities and residual branches.")
+    bias: bool = _f(True, "Biases in linear layers and norms.")
+    tie_embeddings: bool = _f(True, "Share the input embedding with the output projection.")
+    init_std: float = _f(
+        0.02,
+        "Std of the normal weight init; residual projections are scaled by 1/sqrt(2 * n_layers).",
+    )
+    norm_eps: float = _f(1e-5, "LayerNorm epsilon.")
+    activation_checkpointing: bool = _f(False, "Recompute each block in the backward pass.")
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden if self.ffn_hidden is not None else 4 * self.d_model
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def validate(self) -> None:
+        for name in ("n_layers", "d_model", "n_heads", "seq_len", "vocab_multiple"):
+            _need(
+                getattr(self, name) >= 1,
+                f"model.{name}",
+                getattr(self, name),
+                "use an integer >= 1",
+            )
+        _need(
+            self.d_model % self.n_heads == 0,
+            "model.n_heads",
+            self.n_heads,
+            f"d_model={self.d_model} must divide by n_heads; valid n_heads: "
+            f"{_divisors_near(self.d_model, self.n_heads)}",
+        )
+        if self.positions == "rope":
+            _need(
+                self.head_dim % 2 == 0,
+                "model.n_heads",
+                self.n_heads,
+                f"rotary positions need an even head size, got d_model/n_heads={self.head_dim}",
+            )
+        if self.ffn_hidden is not None:
+            _need(self.ffn_hidden >= 1, "model.ffn_hidden", self.ffn_hidden, "use >= 1 or null")
+        if self.vocab_size is not None:
+            _need(self.vocab_size >= 2, "model.vocab_size", self.vocab_size, "use >= 2 or null")
+        _need(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "use a value in [0, 1)")
+        _need(self.init_std > 0, "model.init_std", self.init_std, "use a positive std")
+        _need(self.norm_eps > 0, "model.norm_eps", self.norm_eps, "use a positive epsilon")
+        _need(self.rope_theta > 0, "model.rope_theta", self.rope_theta, "use a positive base")
+
+
+@dataclass
+class DataConfig:
+    path: str = _f("data/stdlib", "Dataset directory written by `pretrain-data build`.")
+    shuffle_window: int = _f(
+        1024, "Sequences are shuffled inside consecutive windows of this many (1: no shuffle)."
+    )
+
+    def validate(self) -> None:
+        _need(
+            self.shuffle_window >= 1,
+            "data.shuffle_window",
+            self.shuffle_window,
+            "use an integer >= 1 (1 disables shuffling)",
+        )
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(3e-4, "Peak learning rate.")
+    min_lr: float = _f(3e-5, "Final learning rate of the cosine schedule.")
+    schedule: Literal["cosine", "inverse_sqrt", "constant"] = _f(
+        "cosine",
+        "After linear warmup: cosine decay to min_lr, the Transformer's inverse "
+        "square root, or constant.",
+    )
+    warmup_steps: int = _f(100, "Linear warmup steps from 0 to lr.")
+    decay_steps: int | None = _f(None, "Steps of the cosine decay (null: run.train_steps).")
+    weight_decay: float = _f(0.1, "AdamW weight decay (not applied to biases, norms, positions).")
+    beta1: float = _f(0.9, "AdamW beta1.")
+    beta2: float = _f(0.95, "AdamW beta2.")
+    eps: float = _f(1e-8, "AdamW epsilon.")
+    grad_clip: float = _f(1.0, "Clip the global gradient norm to this (0: no clipping).")
+
+    def validate(self) -> None:
+        _need(self.lr > 0, "optim.lr", self.lr, "use a positive learning rate")
+        _need(
+            0 <= self.min_lr <= self.lr,
+            "optim.min_lr",
+            self.min_lr,
+            f"use a value in [0, optim.lr={self.lr}]",
+        )
+        _need(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "use >= 0")
+        if self.decay_steps is not None:
+            _need(self.decay_steps >= 1, "optim.decay_steps", self.decay_steps, "use >= 1 or null")
+        _need(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "use >= 0")
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            _need(0 <= v < 1, f"optim.{name}", v, "use a value in [0, 1)")
+        _need(self.eps > 0, "optim.eps", self.eps, "use a positive epsilon")
+        _need(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "use >= 0 (0 disables)")
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = _f(1, "Tensor-parallel size.")
+    pp: int = _f(1, "Pipeline-parallel size.")
+    dp: int | None = _f(None, "Data-parallel size (null: world size / (tp * pp)).")
+    zero_stage: int = _f(0, "DeepSpeed ZeRO stage 0-3.")
+    micro_batch_size: int = _f(8, "Sequences per rank per forward pass.")
+    global_batch_size: int | None = _f(
+        None,
+        "Sequences per optimizer step over all data-parallel ranks "
+        "(null: micro_batch_size * dp, no accumulation).",
+    )
+    backend: Literal["auto", "gloo", "nccl"] = _f("auto", "'auto': NCCL on CUDA, else gloo.")
+
+    def validate(self) -> None:
+        for name in ("tp", "pp", "micro_batch_size"):
+            _need(getattr(self, name) >= 1, f"parallel.{name}", getattr(self, name), "use >= 1")
+        if self.dp is not None:
+            _need(self.dp >= 1, "parallel.dp", self.dp, "use >= 1 or null")
+        _need(
+            self.zero_stage in (0, 1, 2, 3),
+            "parallel.zero_stage",
+            self.zero_stage,
+            "use 0, 1, 2 or 3",
+        )
+        if self.global_batch_size is not None:
+            _need(
+                self.global_batch_size >= 1,
+                "parallel.global_batch_size",
+                self.global_batch_size,
+                "use >= 1 or null",
+            )
+
+    def layout(self, world_size: int) -> tuple[int, int]:
+        """(dp, gradient accumulation steps) for a world size; ConfigError when it does not fit."""
+        model_parallel = self.tp * self.pp
+        _need(
+            world_size % model_parallel == 0,
+            "parallel.tp",
+            self.tp,
+            f"world size {world_size} must divide by tp*pp={model_parallel}",
+        )
+        dp = world_size // model_parallel
+        if self.dp is not None:
+            _need(
+                self.dp == dp,
+                "parallel.dp",
+                self.dp,
+                f"world size {world_size} with tp={self.tp}, pp={self.pp} gives dp={dp}; "
+                f"set parallel.dp={dp} or null, or launch {self.dp * model_parallel} processes",
+            )
+        per_step = self.micro_batch_size * dp
+        gbs = self.global_batch_size if self.global_batch_size is not None else per_step
+        _need(
+            gbs % per_step == 0,
+            "parallel.global_batch_size",
+            gbs,
+            f"must be a multiple of micro_batch_size*dp={per_step}; nearest valid: "
+            f"{max(per_step, gbs // per_step * per_step)} or {(gbs // per_step + 1) * per_step}",
+        )
+        return dp, gbs // per_step
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = _f(0, "Save every N steps (0: only at the end and on exit).")
+    keep_last: int = _f(3, "Keep the newest K complete checkpoints (0: keep all).")
+    dir: str | None = _f(None, "Checkpoint directory (null: <run dir>/checkpoints).")
+    exclude_from_loading: list[str] = _f(
+        [],
+        "Parts of a checkpoint not restored on resume: any of 'data', 'rng', 'optimizer', "
+        "'scheduler' (e.g. to switch data sets mid-run).",
+    )
+
+    LOADABLE = ("data", "rng", "optimizer", "scheduler")
+
+    def validate(self) -> None:
+        _need(self.interval >= 0, "checkpoint.interval", self.interval, "use >= 0")
+        _need(self.keep_last >= 0, "checkpoint.keep_last", self.keep_last, "use >= 0")
+        for part in self.exclude_from_loading:
+            _need(
+                part in self.LOADABLE,
+                "checkpoint.exclude_from_loading",
+                part,
+                f"use any of {list(self.LOADABLE)}{_suggest(part, self.LOADABLE)}",
+            )
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = _f(True, "Record the run in MLflow (rank 0 only).")
+    uri: str | None = _f(
+        None,
+        "MLflow tracking URI (null: $MLFLOW_TRACKING_URI, else a SQLite file "
+        "<output_dir>/mlflow.db).",
+    )
+    experiment: str = _f("pretrain", "MLflow experiment name.")
+
+    def validate(self) -> None:
+        _need(bool(self.experiment), "tracking.experiment", self.experiment, "use a non-empty name")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> Config:
+        for section in dataclasses.fields(self):
+            getattr(self, section.name).validate()
+        decay = self.optim.decay_steps or self.run.train_steps
+        _need(
+            self.optim.warmup_steps <= decay,
+            "optim.warmup_steps",
+            self.optim.warmup_steps,
+            f"must not exceed the decay length {decay} (optim.decay_steps or run.train_steps)",
+        )
+        if self.model.vocab_size is not None:
+            multiple = self.model.vocab_multiple * self.parallel.tp
+            _need(
+                self.model.vocab_size % self.parallel.tp == 0,
+                "model.vocab_size",
+                self.model.vocab_size,
+                f"must divide by parallel.tp={self.parallel.tp}; nearest "
+                f"valid: {math.ceil(self.model.vocab_size / multiple) * multiple}",
+            )
+        return self
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return (
+            Path(self.checkpoint.dir) if self.checkpoint.dir else self.run.run_dir / "checkpoints"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flatten(self) -> dict[str, Any]:
+        """{"model.n_layers": 4, ...}: the form MLflow params and the CLI overrides use."""
+        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+
+
+# --- decoding ----------------------------------------------------------------------------------
+
+
+def _suggest(name: str, valid: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _divisors_near(n: int, k: int) -> list[int]:
+    divs = [d for d in range(1, n + 1) if n % d == 0]
+    return sorted(sorted(divs, key=lambda d: abs(d - k))[:3])
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Check `value` against the type hint; ints widen to floats, nothing else converts."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(name, value, inner[0])
+    if origin is Literal:
+        _need(value in args, name, value, f"use one of {list(args)}{_suggest(str(value), args)}")
+        return value
+    if origin is list:
+        _need(isinstance(value, list), name, value, "use a list, e.g. [a, b]")
+        return [_coerce(f"{name}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if hint is bool:
+        _need(isinstance(value, bool), name, value, "use true or false")
+        return value
+    if hint is int:
+        _need(isinstance(value, int) and not isinstance(value, bool), name, value, "use an integer")
+        return value
+    if hint is float:
+        # YAML 1.1 reads `1e-3` (no dot) as a string; accept what float() accepts.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        _need(
+            isinstance(value, (int, float)) and not isinstance(value, bool),
+            name,
+            value,
+            "use a number",
+        )
+        return float(value)
+    if hint is str:
+        _need(isinstance(value, str), name, value, "use a string (quote it in YAML)")
+        return value
+    raise TypeError(f"unsupported config type {hint} for {name}")  # a bug here, not user input
+
+
+def _decode(cls: type, data: Any, prefix: str) -> Any:
+    _need(isinstance(data, dict), prefix or "config", data, "use a mapping of keys to values")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        _need(
+            key in names,
+            full,
+            value,
+            f"unknown key; valid keys: {', '.join(names)}{_suggest(str(key), names)}",
+        )
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _decode(hint, value if value is not None else {}, full)
+        else:
+            kwargs[key] = _coerce(full, value, hint)
+    return cls(**kwargs)
+
+
+def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings (values parsed as YAML) to a raw config mapping."""
+    for item in overrides:
+        path, sep, raw = item.partition("=")
+        _need(
+            bool(sep) and "." in path,
+            "override",
+            item,
+            "write overrides as section.key=value, e.g. model.n_layers=4",
+        )
+        section, key = path.split(".", 1)
+        sections = [f.name for f in dataclasses.fields(Config)]
+        _need(
+            section in sections,
+            path,
+            raw,
+            f"unknown section; valid: {', '.join(sections)}{_suggest(section, sections)}",
+        )
+        sec = data.setdefault(section, {})
+        _need(isinstance(sec, dict), section, sec, "a section must be a mapping")
+        sec[key] = yaml.safe_load(raw) if raw != "" else ""
+    return data
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Decode and validate a raw mapping."""
+    return _decode(Config, data, "").validate()
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML file (or none: all defaults), apply dotted overrides, decode and validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        _need(p.is_file(), "config file", str(p), "pass the path of an existing YAML file")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError("config file", str(p), f"fix the YAML syntax: {e}") from None
+    return from_dict(apply_overrides(data, overrides))
+
+
+def describe() -> str:
+    """The config reference as Markdown, generated from the dataclasses (docs/config.md)."""
+    lines = [
+        "# Config reference",
+        "",
+        "Generated by `python -m pretrain.config`; do not edit by hand.",
+        "",
+    ]
+    hints_cfg = typing.get_type_hints(Config)
+    for section in dataclasses.fields(Config):
+        cls = hints_cfg[section.name]
+        lines += [
+            f"## `{section.name}`",
+            "",
+            "| key | type | default | meaning |",
+            "|---|---|---|---|",
+        ]
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            hint = hints[f.name]
+            type_name = hint.__name__ if isinstance(hint, type) else str(hint)
+            type_name = type_name.replace("typing.", "")
+            lines.append(f"| `{f.name}` | `{type_name}` | `{default!r}` | {f.metadata['help']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def resolve_vocab(cfg: Config, tokenizer_vocab: int) -> Config:
+    """Fill in model.vocab_size from the dataset's tokenizer, padded to a multiple of
+    vocab_multiple * tp (so every TP rank holds an equal, aligned slice)."""
+    m = cfg.model
+    multiple = m.vocab_multiple * cfg.parallel.tp
+    if m.vocab_size is None:
+        size = math.ceil(tokenizer_vocab / multiple) * multiple
+    else:
+        _need(
+            m.vocab_size >= tokenizer_vocab,
+            "model.vocab_size",
+            m.vocab_size,
+            f"the dataset's tokenizer has {tokenizer_vocab} tokens; use at least that, or null "
+            f"to derive it",
+        )
+        size = m.vocab_size
+    return dataclasses.replace(cfg, model=dataclasses.replace(m, vocab_size=size))
+
+
+if __name__ == "__main__":
+    print(describe())

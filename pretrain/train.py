@@ -1,0 +1,192 @@
+"""Entry point: `pretrain-train CONFIG [section.key=value ...]`, one process per rank (torchrun).
+
+Reads and checks everything that can be wrong before any process group exists (config, data,
+checkpoint), then wires the parts in one chain: layout -> model -> engine -> data -> tracker ->
+trainer -> fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from data_pipeline.errors import DataError
+from data_pipeline.loader import DatasetInfo, DistributedBatches, PackedSequences
+from pretrain.checkpoint import CheckpointError, resolve_resume
+from pretrain.config import Config, ConfigError, load_config, resolve_vocab
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="pretrain-train", description=__doc__)
+    p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.n_layers=4")
+    return p.parse_args(argv)
+
+
+def prepare(argv: list[str] | None) -> tuple[Config, DatasetInfo, Path | None]:
+    """Everything that reads user input, with no process group yet."""
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    info = DatasetInfo(cfg.data.path)
+    cfg = resolve_vocab(cfg, info.vocab_size)
+    cfg.parallel.layout(int(os.environ.get("WORLD_SIZE", 1)))
+    return cfg, info, resolve_resume(cfg.run.resume, cfg.checkpoint_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, info, resume_from = prepare(argv)
+    except (ConfigError, DataError, CheckpointError) as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    from pretrain import distributed
+
+    layout = distributed.setup(cfg)
+    try:
+        run(cfg, info, resume_from, layout)
+    finally:
+        distributed.teardown()
+    return 0
+
+
+def run(cfg: Config, info: DatasetInfo, resume_from: Path | None, layout):
+    """Build everything for this rank and train; returns the trainer (tests inspect it)."""
+    from pretrain import trainer as T
+    from pretrain.distributed import seed_all
+    from pretrain.engine import build_engine
+    from pretrain.models.flops import flops_per_token, param_count
+    from pretrain.models.gpt import GPT
+    from pretrain.tracking import Tracker
+
+    say = print if layout.is_main else (lambda *a, **k: None)
+    seed_all(cfg.run.seed)  # identical initial weights on every rank
+    model = GPT(cfg.model, layout.tp_group, layout.tp_size).to(layout.device)
+    # Dropout streams: distinct per data-parallel rank, shared inside a tensor-parallel group
+    # (whose ranks must drop the same activations of the replicated residual stream).
+    seed_all(cfg.run.seed + 1000 * layout.dp_rank + 100 * layout.pp_rank + 1)
+    engine, scheduler = build_engine(cfg, layout, model)
+
+    L, mb = cfg.model.seq_len, cfg.parallel.micro_batch_size
+    train_seqs = PackedSequences(info, "train", L, cfg.run.seed, cfg.data.shuffle_window)
+    train_data = DistributedBatches(
+        train_seqs, mb, layout.dp_rank, layout.dp_size, layout.grad_accum
+    )
+    val_data = None
+    if "val" in info.shards and cfg.run.eval_batches:
+        val_seqs = PackedSequences(info, "val", L, cfg.run.seed, 1, shuffle_shards=False)
+        val_data = DistributedBatches(val_seqs, mb, layout.dp_rank, layout.dp_size, 1)
+
+    tracker = Tracker(cfg, layout.is_main)
+    trainer = T.Trainer(cfg, layout, engine, scheduler, train_data, val_data, tracker)
+    if resume_from is not None:
+        trainer.load(resume_from)
+    start_step = trainer.state.step
+
+    run_dir = cfg.run.run_dir
+    if layout.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    tracker.start(trainer.state.mlflow_run_id, run_dir / "config.yaml")
+    trainer.state.mlflow_run_id = tracker.run_id
+
+    n_params = param_count(cfg.model)
+    say(
+        f"model: {cfg.model.family} {n_params / 1e6:.2f}M parameters "
+        f"({param_count(cfg.model, embeddings=False) / 1e6:.2f}M non-embedding), "
+        f"{flops_per_token(cfg.model) / 1e6:.1f} MFLOP/token"
+    )
+    say(
+        f"layout: world {layout.world_size} = dp {layout.dp_size} x tp {layout.tp_size} x pp "
+        f"{layout.pp_size}, ZeRO {cfg.parallel.zero_stage}, {cfg.run.precision}, "
+        f"{layout.device.type}; global batch {train_data.global_batch} x {L} tokens "
+        f"(micro {mb}, accumulation {layout.grad_accum})"
+    )
+    say(
+        f"data: {info.path} ({train_seqs.per_epoch:,} training sequences per epoch, "
+        f"fingerprint {info.fingerprint[:12]})"
+    )
+    if resume_from is not None:
+        say(f"resumed from {resume_from} at step {start_step}")
+
+    evals, saves = T.EvalHook(say), T.CheckpointHook(say)
+    trainer.hooks = [
+        T.NaNGuard(),
+        T.ProgressHook(say),
+        T.TrackingHook(),
+        evals,
+        saves,
+        T.ExitHook(start_step),
+    ]
+    t0 = time.perf_counter()
+    trainer.fit()
+    elapsed = time.perf_counter() - t0
+    done = trainer.state.step >= cfg.run.train_steps
+    if trainer.stop_reason and not done:
+        say(
+            f"stopped at step {trainer.state.step}: {trainer.stop_reason}; continue with "
+            f"run.resume=auto"
+        )
+    if done:
+        summarize(trainer, info, say, elapsed, start_step, evals.last, saves.last_path)
+    tracker.finish("FINISHED" if done else "KILLED")
+    return trainer
+
+
+def summarize(
+    trainer,
+    info: DatasetInfo,
+    say,
+    elapsed: float,
+    start_step: int,
+    val: dict[str, float],
+    ckpt: Path | None,
+) -> None:
+    """The end of a finished run: throughput, loss against a unigram model, where things are,
+    and a sample from the model."""
+    from data_pipeline.stats import unigram_loss
+    from data_pipeline.tokenizer import Tokenizer
+    from pretrain.generate import generate
+
+    cfg = trainer.cfg
+    steps = trainer.state.step - start_step
+    say(
+        f"trained {steps} steps in {elapsed:.0f} s "
+        f"({steps * trainer.tokens_per_step / max(elapsed, 1e-9):,.0f} tokens/s)"
+    )
+    if val:
+        val_loss = val["val_loss"]
+        uni = unigram_loss(info)
+        say(
+            f"final validation loss {val_loss:.3f} nats/token vs unigram model {uni:.3f} "
+            f"({val_loss / uni:.0%} of it)"
+        )
+    if ckpt is not None:
+        say(f"checkpoint: {ckpt}")
+    if trainer.tracker.active:
+        say(
+            f"MLflow: run {trainer.tracker.run_id} in {trainer.tracker.uri}\n"
+            f"  open the UI with: mlflow ui --backend-store-uri {trainer.tracker.uri}"
+        )
+    if cfg.run.sample_tokens:
+        tok = Tokenizer.load(info.tokenizer_file)
+        prompt = tok.encode(cfg.run.sample_prompt) or [info.eos_id]
+        out = generate(
+            trainer.engine.module,
+            prompt,
+            cfg.run.sample_tokens,
+            seq_len=cfg.model.seq_len,
+            vocab_limit=info.vocab_size,
+            temperature=0.8,
+            top_k=40,
+            seed=cfg.run.seed,
+            device=trainer.layout.device,
+        )
+        say("sample:\n" + cfg.run.sample_prompt + tok.decode(out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""The training loop: one `train_step` per optimizer step, everything else in hooks.
+
+Hooks (progress printing, MLflow, evaluation, checkpointing, preemption) see the trainer after
+each step and at the end; none of them is a branch in the loop. The loop stops when the run is
+done or a hook asks it to (`trainer.stop_reason`), and every rank agrees on stopping before it
+happens, since a rank that leaves alone would hang the others in the next collective.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from data_pipeline.loader import DistributedBatches
+from pretrain import checkpoint
+from pretrain.config import Config
+from pretrain.distributed import Layout, rng_state, set_rng_state
+from pretrain.engine import grad_norm_now, records_grad_norm
+from pretrain.tracking import Tracker
+
+
+@dataclass
+class TrainState:
+    """What a resume needs beyond the engine: saved in every checkpoint."""
+
+    step: int = 0
+    consumed_tokens: int = 0
+    mlflow_run_id: str | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "consumed_tokens": self.consumed_tokens,
+            "mlflow_run_id": self.mlflow_run_id,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.consumed_tokens = int(state["consumed_tokens"])
+        self.mlflow_run_id = state.get("mlflow_run_id")
+
+
+class Hook(Protocol):
+    def after_step(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
+
+    def at_end(self, trainer: Trainer) -> None: ...
+
+
+@dataclass
+class Trainer:
+    cfg: Config
+    layout: Layout
+    engine: Any
+    scheduler: Any
+    train_data: DistributedBatches
+    val_data: DistributedBatches | None
+    tracker: Tracker
+    state: TrainState = field(default_factory=TrainState)
+    hooks: list[Any] = field(default_factory=list)
+    stop_reason: str | None = None
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.cfg.checkpoint_dir
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.train_data.global_batch * self.cfg.model.seq_len
+
+    # --- the step -------------------------------------------------------------------------
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over this rank's micro-batches; returns the step's metrics."""
+        self.engine.train()
+        micro = self.train_data.next_step()
+        device = self.layout.device
+        loss_sum, norm = torch.zeros((), device=device), None
+        for i, (inputs, targets) in enumerate(micro):
+            loss = self.engine(inputs.to(device), targets.to(device))
+            self.engine.backward(loss)
+            if i == len(micro) - 1 and not records_grad_norm(self.engine):
+                norm = grad_norm_now(self.engine)
+            self.engine.step()
+            loss_sum += loss.detach().float()
+        if norm is None:
+            norm = float(self.engine.get_global_grad_norm())
+        # The step's loss is the mean over every micro-batch of every data-parallel rank.
+        dist.all_reduce(loss_sum, group=self.layout.dp_group)
+        self.state.step += 1
+        self.state.consumed_tokens += self.tokens_per_step
+        return {
+            "loss": loss_sum.item() / (len(micro) * self.layout.dp_size),
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": norm,
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss over the first `run.eval_batches` global batches of the validation split,
+        the same batches at every evaluation so values are comparable across steps."""
+        if self.val_data is None or self.cfg.run.eval_batches == 0:
+            return {}
+        self.engine.eval()
+        self.val_data.load_state_dict({**self.val_data.state_dict(), "consumed": 0})
+        total = torch.zeros((), device=self.layout.device)
+        count = 0
+        for _ in range(self.cfg.run.eval_batches):
+            for inputs, targets in self.val_data.next_step():
+                loss = self.engine(inputs.to(self.layout.device), targets.to(self.layout.device))
+                total += loss.float()
+                count += 1
+        dist.all_reduce(total, group=self.layout.dp_group)
+        val_loss = total.item() / (count * self.layout.dp_size)
+        self.engine.train()
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+
+    # --- checkpoints ----------------------------------------------------------------------
+
+    def save(self) -> Path:
+        client = {
+            "trainer": self.state.state_dict(),
+            "data": self.train_data.state_dict(),
+            "config": self.cfg.to_dict(),
+        }
+        return checkpoint.save(
+            self.engine,
+            self.layout,
+            self.ckpt_dir,
+            self.state.step,
+            client,
+            {"rng": rng_state()},
+            self.cfg.checkpoint.keep_last,
+        )
+
+    def load(self, path: Path) -> None:
+        exclude = self.cfg.checkpoint.exclude_from_loading
+        client, rank_state = checkpoint.load(self.engine, self.layout, path, exclude)
+        self.state.load_state_dict(client["trainer"])
+        if "data" not in exclude:
+            self.train_data.load_state_dict(client["data"])
+        if "rng" not in exclude and rank_state is not None:
+            set_rng_state(rank_state["rng"])
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def request_stop(self, reason: str) -> None:
+        self.stop_reason = self.stop_reason or reason
+
+    def _all_agree_to_stop(self) -> bool:
+        flag = torch.tensor(1.0 if self.stop_reason else 0.0, device=self.layout.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0 and self.stop_reason is None:
+            self.stop_reason = "another rank asked to stop"
+        return flag.item() > 0
+
+    def fit(self) -> None:
+        while self.state.step < self.cfg.run.train_steps:
+            metrics = self.train_step()
+            self.losses.append(metrics["loss"])
+            for hook in self.hooks:
+                hook.after_step(self, metrics)
+            if self._all_agree_to_stop():
+                break
+        for hook in self.hooks:
+            hook.at_end(self)
+
+
+# --- hooks ---------------------------------------------------------------------------------
+
+
+class NaNGuard:
+    """Stop at once, without saving, when the loss stops being finite."""
+
+    def after_step(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        if not math.isfinite(metrics["loss"]):
+            raise FloatingPointError(
+                f"loss is {metrics['loss']} at step {trainer.state.step}; lower optim.lr, raise "
+                f"optim.warmup_steps or check the data; resume from the last checkpoint with "
+                f"run.resume=auto"
+            )
+
+    def at_end(self, trainer: Trainer) -> None:
+        pass
+
+
+class ProgressHook:
+    """A progress line every `run.log_interval` steps on rank 0: loss, lr, tokens/s and ETA."""
+
+    def __init__(self, printer=print):
+        self.print = printer
+        self.t_last = time.perf_counter()
+        self.step_last: int | None = None
+        self.first_step: int | None = None
+        self.t_first = self.t_last
+
+    def after_step(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        step, cfg = trainer.state.step, trainer.cfg
+        now = time.perf_counter()
+        if self.step_last is None:  # the first step of a launch pays warm-up costs
+            self.step_last, self.first_step, self.t_last, self.t_first = step, step, now, now
+            return
+        if step % cfg.run.log_interval and step != cfg.run.train_steps:
+            return
+        steps = step - self.step_last
+        step_time = (now - self.t_last) / max(steps, 1)
+        tok_s = trainer.tokens_per_step / step_time
+        eta = (cfg.run.train_steps - step) * (now - self.t_first) / max(step - self.first_step, 1)
+        metrics.update(tokens_per_s=tok_s, step_time=step_time)
+        self.step_last, self.t_last = step, now
+        if trainer.layout.is_main:
+            self.print(
+                f"step {step:>6}/{cfg.run.train_steps} | loss {metrics['loss']:.4f} | "
+                f"lr {metrics['lr']:.2e} | grad {metrics['grad_norm']:.3f} | "
+                f"{tok_s:,.0f} tok/s | ETA {_hms(eta)}",
+                flush=True,
+            )
+
+    def at_end(self, trainer: Trainer) -> None:
+        pass
+
+
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class TrackingHook:
+    """Train metrics to MLflow on log steps (after ProgressHook adds throughput)."""
+
+    def after_step(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        step = trainer.state.step
+        if step % trainer.cfg.run.log_interval == 0 or step == trainer.cfg.run.train_steps:
+            trainer.tracker.log({k: float(v) for k, v in metrics.items()}, step)
+
+    def at_end(self, trainer: Trainer) -> None:
+        pass
+
+
+class EvalHook:
+    """Validation loss and perplexity every `run.eval_interval` steps and at the end."""
+
+    def __init__(self, printer=print):
+        self.print = printer
+        self.last: dict[str, float] = {}
+        self.last_step = -1
+
+    def run(self, trainer: Trainer) -> None:
+        if self.last_step == trainer.state.step:
+            return
+        self.last = trainer.evaluate()
+        self.last_step = trainer.state.step
+        if self.last:
+            trainer.tracker.log(self.last, trainer.state.step)
+            if trainer.layout.is_main:
+                self.print(
+                    f"step {trainer.state.step:>6} | val loss {self.last['val_loss']:.4f}"
+                    f" | val ppl {self.last['val_ppl']:.2f}",
+                    flush=True,
+                )
+
+    def after_step(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        every = trainer.cfg.run.eval_interval
+        if every and trainer.state.step % every == 0:
+            self.run(trainer)
+
+    def at_end(self, trainer: Trainer) -> None:
+        if trainer.state.step >= trainer.cfg.run.train_steps:
+            self.run(trainer)
+
+
+class CheckpointHook:
+    """Save every `checkpoint.interval` steps, and at the end or on a requested stop."""
+
+    def __init__(self, printer=print):
+        self.print = printer
+        self.saved_step = -1
+        self.last_path: Path | None = None
+
+    def save(self, trainer: Trainer) -> None:
+        if self.saved_step == trainer.state.step:
+            return
+        t0 = time.perf_counter()
+        self.last_path = trainer.save()
+        self.saved_step = trainer.state.step
+        if trainer.layout.is_main:
+            self.print(
+                f"saved checkpoint {self.last_path} ({time.perf_counter() - t0:.1f} s)", flush=True
+            )
+
+    def after_step(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        every = trainer.cfg.checkpoint.interval
+        if every and trainer.state.step % every == 0:
+            self.save(trainer)
+
+    def at_end(self, trainer: Trainer) -> None:
+        self.save(trainer)
+
+
+class ExitHook:
+    """Preemption and time limits: stop cleanly (the checkpoint hook then saves) after
+    `run.exit_after_steps` steps or `run.exit_after_minutes` of this launch, or on SIGTERM or
+    SIGUSR1 (what Slurm sends before a time limit or preemption)."""
+
+    def __init__(self, start_step: int):
+        self.start_step = start_step
+        self.t0 = time.monotonic()
+        self.signalled: str | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.signalled = signal.Signals(signum).name
+
+    def after_step(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        run = trainer.cfg.run
+        if self.signalled:
+            trainer.request_stop(f"received {self.signalled}")
+        if run.exit_after_steps and trainer.state.step - self.start_step >= run.exit_after_steps:
+            trainer.request_stop(f"run.exit_after_steps={run.exit_after_steps} reached")
+        if run.exit_after_minutes and time.monotonic() - self.t0 >= 60 * run.exit_after_minutes:
+            trainer.request_stop(f"run.exit_after_minutes={run.exit_after_minutes} reached")
+
+    def at_end(self, trainer: Trainer) -> None:
+        pass

@@ -1,0 +1,47 @@
+"""Run under torchrun by the distributed tests: trains through the real entry-point code, then
+writes what the tests compare (per-step losses, a checksum of every rank's weights) to JSON.
+
+usage: torchrun ... tests/dist/worker.py OUT.json CONFIG [overrides...]
+"""
+
+import hashlib
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from pretrain import distributed
+from pretrain.train import prepare, run
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(module.named_parameters()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def main() -> None:
+    out, argv = sys.argv[1], sys.argv[2:]
+    cfg, info, resume_from = prepare(argv)
+    layout = distributed.setup(cfg)
+    trainer = run(cfg, info, resume_from, layout)
+    record = {
+        "rank": layout.rank,
+        "losses": trainer.losses,
+        "step": trainer.state.step,
+        "consumed": trainer.train_data.consumed,
+        "digest": weights_digest(trainer.engine.module),
+    }
+    gathered = [None] * layout.world_size
+    dist.all_gather_object(gathered, record)
+    if layout.is_main:
+        with open(out, "w") as f:
+            json.dump(gathered, f)
+    distributed.teardown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""The GPT model on one process (TP=1 through the same megatron-core layers)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pretrain.config import ModelConfig
+from pretrain.generate import generate
+from pretrain.models.flops import flops_per_token, param_count
+from pretrain.models.gpt import GPT
+from pretrain.models.layers import RotaryEmbedding, SelfAttention, parallel_config
+
+BASE = ModelConfig(n_layers=2, d_model=32, n_heads=4, seq_len=16, vocab_size=96)
+
+
+def make(world1, **changes) -> GPT:
+    torch.manual_seed(0)
+    return GPT(dataclasses.replace(BASE, **changes), world1)
+
+
+def tokens(b=2, s=16, seed=1) -> torch.Tensor:
+    return torch.randint(0, BASE.vocab_size, (b, s), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_shapes_and_loss(world1, positions):
+    model = make(world1, positions=positions)
+    x = tokens()
+    logits = model(x)
+    assert logits.shape == (2, 16, BASE.vocab_size)
+    loss = model(x, tokens(seed=2))
+    assert loss.shape == ()
+    # A fresh model predicts nearly uniformly: loss close to log(V).
+    assert abs(loss.item() - math.log(BASE.vocab_size)) < 0.5
+    # The loss is the mean token cross-entropy of the full logits.
+    ref = F.cross_entropy(logits.reshape(-1, BASE.vocab_size), tokens(seed=2).reshape(-1))
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_causal(world1, positions):
+    """Outputs at position t do not change when tokens after t change; they do change when a
+    token at or before t changes (the negative control)."""
+    model = make(world1, positions=positions).eval()
+    x = tokens()
+    t = 9
+    after = x.clone()
+    after[:, t + 1 :] = (after[:, t + 1 :] + 7) % BASE.vocab_size
+    before = x.clone()
+    before[:, t] = (before[:, t] + 7) % BASE.vocab_size
+    with torch.no_grad():
+        base, a, b = model(x), model(after), model(before)
+    torch.testing.assert_close(a[:, : t + 1], base[:, : t + 1], rtol=0, atol=1e-6)
+    assert (a[:, t + 1 :] - base[:, t + 1 :]).abs().max() > 1e-3
+    assert (b[:, t] - base[:, t]).abs().max() > 1e-3
+
+
+def naive_attention(attn: SelfAttention, x_SBD: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Attention written out: explicit q k^T / sqrt(d), mask, softmax, weighted sum of v."""
+    s, b, d = x_SBD.shape
+    h, k = attn.heads_local, attn.head_dim
+    qkv = x_SBD @ attn.qkv.weight.T + attn.qkv.bias
+    qkv = qkv.view(s, b, h, 3, k)
+    q, kk, v = (qkv[:, :, :, i].permute(1, 2, 0, 3) for i in range(3))  # [b, h, s, k]
+    scores = q @ kk.transpose(-1, -2) / math.sqrt(k)
+    if causal:
+        mask = torch.ones(s, s, dtype=torch.bool).triu(1)
+        scores = scores.masked_fill(mask, float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ v  # [b, h, s, k]
+    out = out.permute(2, 0, 1, 3).reshape(s, b, h * k)
+    return out @ attn.proj.weight.T + attn.proj.bias
+
+
+def test_sdpa_matches_naive_attention(world1):
+    torch.manual_seed(0)
+    attn = SelfAttention(BASE, parallel_config(1), world1, rotary=None).eval()
+    x = torch.randn(16, 3, BASE.d_model)
+    with torch.no_grad():
+        got = attn(x)
+        want = naive_attention(attn, x, causal=True)
+        unmasked = naive_attention(attn, x, causal=False)
+    assert (got - want).abs().max().item() < 1e-5
+    # Negative control: the same comparison fails against attention without the causal mask.
+    assert (got - unmasked).abs().max().item() > 1e-3
+
+
+def test_rotary_depends_on_relative_position_only():
+    rope = RotaryEmbedding(head_dim=8, max_len=32, theta=10000.0)
+    q, k = torch.randn(8), torch.randn(8)
+    # Place q at position m and k at n in an otherwise empty sequence.
+
+    def score(m: int, n: int) -> float:
+        seq = torch.zeros(1, 1, 32, 8)
+        seq_q, seq_k = seq.clone(), seq.clone()
+        seq_q[0, 0, m], seq_k[0, 0, n] = q, k
+        return float(rope(seq_q)[0, 0, m] @ rope(seq_k)[0, 0, n])
+
+    assert score(5, 2) == pytest.approx(score(20, 17), rel=1e-5)
+    assert score(5, 2) != pytest.approx(score(5, 4), rel=1e-3)  # a different offset differs
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"tie_embeddings": False}, {"positions": "rope"}, {"bias": False}, {"ffn_hidden": 48}],
+)
+def test_param_count_matches_module(world1, changes):
+    cfg = dataclasses.replace(BASE, **changes)
+    model = GPT(cfg, world1)
+    assert param_count(cfg) == sum(p.numel() for p in model.parameters())
+    assert param_count(cfg, embeddings=False) < param_count(cfg)
+
+
+def test_flops_per_token_formula():
+    cfg = dataclasses.replace(
+        BASE, vocab_size=50304, n_layers=12, d_model=768, n_heads=12, seq_len=1024
+    )
+    # GPT-2 small: ~85M non-embedding parameters, 6N + attention ~ 0.85 GFLOP/token.
+    assert param_count(cfg, embeddings=False) == pytest.approx(85e6, rel=0.01)
+    assert flops_per_token(cfg) == 6 * (12 * 12 * 768**2 + 50304 * 768) + 12 * 12 * 1024 * 768
+
+
+def test_activation_checkpointing_same_loss_and_grads(world1):
+    x, y = tokens(), tokens(seed=3)
+    plain, ckpt = make(world1), make(world1, activation_checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    plain(x, y).backward()
+    ckpt(x, y).backward()
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_every_parameter_gets_a_gradient(world1):
+    model = make(world1, tie_embeddings=False)
+    model(tokens(), tokens(seed=4)).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert missing == []
+
+
+def test_sequence_longer_than_seq_len_is_rejected(world1):
+    with pytest.raises(ValueError, match="seq_len"):
+        make(world1)(torch.zeros(1, BASE.seq_len + 1, dtype=torch.long))
+
+
+def test_generate_greedy_is_deterministic_and_respects_vocab_limit(world1):
+    model = make(world1)
+    a = generate(model, [1, 2, 3], 10, seq_len=BASE.seq_len, vocab_limit=50)
+    b = generate(model, [1, 2, 3], 10, seq_len=BASE.seq_len, vocab_limit=50)
+    assert a == b and len(a) == 10 and max(a) < 50
+    sampled = generate(
+        model, [1, 2, 3], 30, seq_len=BASE.seq_len, vocab_limit=50, temperature=1.0, top_k=5, seed=1
+    )
+    assert len(sampled) == 30 and max(sampled) < 50
+    # Greedy continuation equals the argmax of a full forward pass, step by step.
+    with torch.no_grad():
+        first = int(model(torch.tensor([[1, 2, 3]]))[0, -1, :50].argmax())
+    assert a[0] == first
