@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 data: $(DATA)/dataset.json
 
 $(DATA)/dataset.json: | $(STAMP)
-	$(BIN)/pretrain-data build --stdlib --out $(DATA) --vocab-size 4096
+	$(BIN)/pretrain-data build --stdlib --out $(DATA) --vocab-size 4096 --val-fraction 0.05
 
 demo: install data
 	$(BIN)/pretrain-launch configs/demo.yaml --nproc-per-node $(NPROC)

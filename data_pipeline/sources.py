@@ -28,7 +28,10 @@ PARQUET_SUFFIXES = (".parquet",)
 DIRECTORY_SUFFIXES = (".txt", *JSONL_SUFFIXES, *PARQUET_SUFFIXES)
 
 # Parts of the standard library that are not representative source code (test suites with
-# deliberately odd encodings, vendored or removed-soon packages, demos) or not stdlib at all.
+# deliberately odd encodings, vendored or removed-soon packages, demos, and machine-generated
+# data: the charmap tables of `encodings` and the single 750 KB string of `pydoc_data`, a fifth
+# of the bytes, which a small model would otherwise spend its capacity memorising) or not
+# stdlib at all.
 STDLIB_EXCLUDED_DIRS = frozenset(
     {
         "site-packages",
@@ -38,6 +41,8 @@ STDLIB_EXCLUDED_DIRS = frozenset(
         "idlelib",
         "lib2to3",
         "turtledemo",
+        "encodings",
+        "pydoc_data",
         "__pycache__",
     }
 )

@@ -35,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
                 (topo.nproc_per_node, topo.nnodes),
                 "use positive process and node counts",
             )
+        if not 0 <= topo.node_rank < topo.nnodes:
+            raise ConfigError(
+                "--node-rank",
+                topo.node_rank,
+                f"use a rank in [0, {topo.nnodes - 1}] for --nnodes {topo.nnodes}",
+            )
         check_topology(load_config(args.config, args.overrides), topo)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -26,13 +26,10 @@ import torch
 import torch.distributed as dist
 
 from pretrain.distributed import Layout
+from pretrain.errors import CheckpointError
 
 COMPLETE = "COMPLETE"
 PREFIX = "step_"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be used; the message names it and the fix."""
 
 
 def tag_for(step: int) -> str:

@@ -178,7 +178,10 @@ class ModelConfig:
 class DataConfig:
     path: str = _f("data/stdlib", "Dataset directory written by `pretrain-data build`.")
     shuffle_window: int = _f(
-        1024, "Sequences are shuffled inside consecutive windows of this many (1: no shuffle)."
+        8192,
+        "Sequences are shuffled inside consecutive windows of this many (1: no shuffle). "
+        "A window holds window * (seq_len + 1) tokens in memory per rank (2 bytes each for "
+        "vocabularies up to 65536); a window as large as an epoch shuffles globally.",
     )
 
     def validate(self) -> None:
@@ -264,9 +267,11 @@ class ParallelConfig:
         model_parallel = self.tp * self.pp
         _need(
             world_size % model_parallel == 0,
-            "parallel.tp",
-            self.tp,
-            f"world size {world_size} must divide by tp*pp={model_parallel}",
+            "parallel.tp" if self.pp == 1 else "parallel.tp*parallel.pp",
+            model_parallel,
+            f"the world size {world_size} must divide by tp*pp={model_parallel} "
+            f"(tp={self.tp}, pp={self.pp}); "
+            f"launch a multiple of {model_parallel} processes or change the layout",
         )
         dp = world_size // model_parallel
         if self.dp is not None:
@@ -279,12 +284,13 @@ class ParallelConfig:
             )
         per_step = self.micro_batch_size * dp
         gbs = self.global_batch_size if self.global_batch_size is not None else per_step
+        below, above = gbs // per_step * per_step, (gbs // per_step + 1) * per_step
         _need(
             gbs % per_step == 0,
             "parallel.global_batch_size",
             gbs,
             f"must be a multiple of micro_batch_size*dp={per_step}; nearest valid: "
-            f"{max(per_step, gbs // per_step * per_step)} or {(gbs // per_step + 1) * per_step}",
+            + (f"{below} or {above}" if below else f"{above}"),
         )
         return dp, gbs // per_step
 
@@ -417,6 +423,9 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
             except ValueError:
                 pass
         _need(
+            not isinstance(value, float) or math.isfinite(value), name, value, "use a finite number"
+        )
+        _need(
             isinstance(value, (int, float)) and not isinstance(value, bool),
             name,
             value,
@@ -452,6 +461,9 @@ def _decode(cls: type, data: Any, prefix: str) -> Any:
 
 def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
     """Apply `section.key=value` strings (values parsed as YAML) to a raw config mapping."""
+    sections = [f.name for f in dataclasses.fields(Config)]
+    if overrides:
+        _need(isinstance(data, dict), "config", data, "use a mapping of keys to values")
     for item in overrides:
         path, sep, raw = item.partition("=")
         _need(
@@ -461,16 +473,24 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> di
             "write overrides as section.key=value, e.g. model.n_layers=4",
         )
         section, key = path.split(".", 1)
-        sections = [f.name for f in dataclasses.fields(Config)]
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            raise ConfigError(
+                path, raw, f"the value is not valid YAML; quote it, e.g. {path}='{raw}'"
+            ) from None
         _need(
             section in sections,
             path,
-            raw,
+            value,
             f"unknown section; valid: {', '.join(sections)}{_suggest(section, sections)}",
         )
-        sec = data.setdefault(section, {})
-        _need(isinstance(sec, dict), section, sec, "a section must be a mapping")
-        sec[key] = yaml.safe_load(raw) if raw != "" else ""
+        if data.get(section) is None:  # absent, or an empty `section:` line in the file
+            data[section] = {}
+        _need(
+            isinstance(data[section], dict), section, data[section], "a section must be a mapping"
+        )
+        data[section][key] = value
     return data
 
 
@@ -489,6 +509,7 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError("config file", str(p), f"fix the YAML syntax: {e}") from None
+
     return from_dict(apply_overrides(data, overrides))
 
 

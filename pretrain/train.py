@@ -12,11 +12,11 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from data_pipeline.errors import DataError
-from data_pipeline.loader import DatasetInfo, DistributedBatches, PackedSequences
-from pretrain.checkpoint import CheckpointError, resolve_resume
 from pretrain.config import Config, ConfigError, load_config, resolve_vocab
+from pretrain.errors import CheckpointError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -26,10 +26,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def prepare(argv: list[str] | None) -> tuple[Config, DatasetInfo, Path | None]:
-    """Everything that reads user input, with no process group yet."""
+def prepare(argv: list[str] | None) -> tuple[Config, Any, Path | None]:
+    """Everything that reads user input, with no process group yet. The config is checked
+    before torch is even imported, so a typo costs no start-up time."""
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    from data_pipeline.loader import DatasetInfo
+    from pretrain.checkpoint import resolve_resume
+
     info = DatasetInfo(cfg.data.path)
     cfg = resolve_vocab(cfg, info.vocab_size)
     cfg.parallel.layout(int(os.environ.get("WORLD_SIZE", 1)))
@@ -53,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run(cfg: Config, info: DatasetInfo, resume_from: Path | None, layout):
+def run(cfg: Config, info: Any, resume_from: Path | None, layout):
     """Build everything for this rank and train; returns the trainer (tests inspect it)."""
+    from data_pipeline.loader import DistributedBatches, PackedSequences
     from pretrain import trainer as T
     from pretrain.distributed import seed_all
     from pretrain.engine import build_engine
@@ -138,7 +143,7 @@ def run(cfg: Config, info: DatasetInfo, resume_from: Path | None, layout):
 
 def summarize(
     trainer,
-    info: DatasetInfo,
+    info: Any,
     say,
     elapsed: float,
     start_step: int,

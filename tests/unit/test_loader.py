@@ -26,6 +26,7 @@ def full_stream(info: DatasetInfo, split: str = "train", shards=None) -> np.ndar
 def epoch_sequences(seqs: PackedSequences, epoch: int) -> list[bytes]:
     """The unshuffled sequences of an epoch: its shard order, packed, cut every L tokens."""
     stream = full_stream(seqs.info, seqs.split, seqs.shard_order(epoch))
+    stream = stream.astype(np.int64)  # the dtype the loader's batches carry
     return [stream[i * L : i * L + L + 1].tobytes() for i in range(seqs.per_epoch)]
 
 
@@ -92,8 +93,8 @@ def test_each_epoch_is_a_permutation_and_epochs_differ(small_dataset):
     seqs = PackedSequences(info, "train", L, seed=5, shuffle_window=7)  # not a divisor
     n = seqs.per_epoch
     it = seqs.iter_from(0)
-    e0 = [next(it).tobytes() for _ in range(n)]
-    e1 = [next(it).tobytes() for _ in range(n)]
+    e0 = [next(it).astype(np.int64).tobytes() for _ in range(n)]
+    e1 = [next(it).astype(np.int64).tobytes() for _ in range(n)]
     assert Counter(e0) == Counter(epoch_sequences(seqs, 0))
     assert Counter(e1) == Counter(epoch_sequences(seqs, 1))
     assert e0 != e1
@@ -106,7 +107,7 @@ def test_order_depends_on_seed_only(small_dataset):
     a = PackedSequences(info, "train", L, seed=1, shuffle_window=32).iter_from(0)
     b = PackedSequences(info, "train", L, seed=1, shuffle_window=32).iter_from(0)
     c = PackedSequences(info, "train", L, seed=2, shuffle_window=32).iter_from(0)
-    xa, xb, xc = ([next(it).tobytes() for _ in range(200)] for it in (a, b, c))
+    xa, xb, xc = ([next(it).astype(np.int64).tobytes() for _ in range(200)] for it in (a, b, c))
     assert xa == xb and xa != xc
 
 
