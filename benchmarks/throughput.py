@@ -99,8 +99,8 @@ def main(argv: list[str]) -> None:
     )
 
     def ours():
-        ((x, y),) = data.next_step()
-        engine.backward(engine(x.to(device), y.to(device)))
+        (batch,) = data.next_step()
+        engine.backward(engine(**{k: v.to(device) for k, v in batch.items()}))
         engine.step()
 
     ref = RefGPT(cfg.model).to(device)

@@ -215,8 +215,12 @@ class DistributedBatches:
     def epoch(self) -> float:
         return self.consumed / self.sequences.per_epoch
 
-    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The (inputs, targets) micro-batches of this rank for the next optimizer step."""
+    def next_step(self) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches for the next optimizer step.
+
+        A batch is a dict of named tensors that the model takes as keyword arguments; for the
+        causal objective {"tokens": [b, L], "targets": [b, L]}, targets shifted by one.
+        """
         if self._it is None:
             self._it = self.sequences.iter_from(self.consumed)
         batch = [next(self._it) for _ in range(self.global_batch)]
@@ -226,7 +230,7 @@ class DistributedBatches:
         mine = mine.astype(np.int64)  # embedding lookups take int64 ids
         tokens = torch.from_numpy(mine)
         micro = tokens.split(self.micro_batch)
-        return [(m[:, :-1].contiguous(), m[:, 1:].contiguous()) for m in micro]
+        return [{"tokens": m[:, :-1].contiguous(), "targets": m[:, 1:].contiguous()} for m in micro]
 
     def state_dict(self) -> dict[str, Any]:
         s = self.sequences

@@ -26,6 +26,10 @@ from pretrain.engine import grad_norm_now, records_grad_norm
 from pretrain.tracking import Tracker
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 @dataclass
 class TrainState:
     """What a resume needs beyond the engine: saved in every checkpoint."""
@@ -83,8 +87,8 @@ class Trainer:
         micro = self.train_data.next_step()
         device = self.layout.device
         loss_sum, norm = torch.zeros((), device=device), None
-        for i, (inputs, targets) in enumerate(micro):
-            loss = self.engine(inputs.to(device), targets.to(device))
+        for i, batch in enumerate(micro):
+            loss = self.engine(**to_device(batch, device))
             self.engine.backward(loss)
             if i == len(micro) - 1 and not records_grad_norm(self.engine):
                 norm = grad_norm_now(self.engine)
@@ -113,8 +117,8 @@ class Trainer:
         total = torch.zeros((), device=self.layout.device)
         count = 0
         for _ in range(self.cfg.run.eval_batches):
-            for inputs, targets in self.val_data.next_step():
-                loss = self.engine(inputs.to(self.layout.device), targets.to(self.layout.device))
+            for batch in self.val_data.next_step():
+                loss = self.engine(**to_device(batch, self.layout.device))
                 total += loss.float()
                 count += 1
         dist.all_reduce(total, group=self.layout.dp_group)

@@ -83,13 +83,17 @@ class GPT(nn.Module):
         h_SBD = tp.copy_to_tensor_model_parallel_region(h_SBD, group=self.tp_group)
         return F.linear(h_SBD, self.embed.weight)
 
-    def forward(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor | None = None):
-        """Mean next-token cross-entropy when targets are given, else full logits [b, s, v]."""
-        logits_SBV = self.logits_parallel(self.hidden(tokens_BS))
-        if targets_BS is None:
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None):
+        """Mean next-token cross-entropy when targets are given, else full logits [b, s, v].
+
+        tokens and targets are [b, s] ids; the names are the keys of the loader's causal
+        batches, which the trainer passes as keyword arguments.
+        """
+        logits_SBV = self.logits_parallel(self.hidden(tokens))
+        if targets is None:
             full = tp.gather_from_tensor_model_parallel_region(logits_SBV, group=self.tp_group)
             return full.transpose(0, 1)
         loss_SB = tp.vocab_parallel_cross_entropy(
-            logits_SBV.float(), targets_BS.transpose(0, 1).contiguous()
+            logits_SBV.float(), targets.transpose(0, 1).contiguous()
         )
         return loss_SB.mean()

@@ -459,9 +459,7 @@ DECODE_CASES = [
         overrides=("run.seed=1",),
     ),
     from_file("top-level-not-a-mapping", "- a\n- b\n", "config", ["a", "b"], "mapping"),
-    from_file(
-        "not-a-mapping-with-override", "- a\n", "config", ["a"], "mapping", ("run.seed=1",)
-    ),
+    from_file("not-a-mapping-with-override", "- a\n", "config", ["a"], "mapping", ("run.seed=1",)),
     from_file("infinite-float", "optim:\n  lr: .inf\n", "optim.lr", float("inf"), "finite"),
 ]
 

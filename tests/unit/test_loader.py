@@ -33,8 +33,8 @@ def epoch_sequences(seqs: PackedSequences, epoch: int) -> list[bytes]:
 def as_keys(batches) -> list[bytes]:
     return [
         row.tobytes()
-        for inputs, targets in batches
-        for row in np.concatenate([inputs.numpy(), targets.numpy()[:, -1:]], axis=1)
+        for b in batches
+        for row in np.concatenate([b["tokens"].numpy(), b["targets"].numpy()[:, -1:]], axis=1)
     ]
 
 

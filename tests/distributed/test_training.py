@@ -26,7 +26,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-WORKER = ROOT / "tests" / "dist" / "worker.py"
+WORKER = ROOT / "tests" / "distributed" / "worker.py"
 COMMON = [
     "run.train_steps=20",
     "run.log_interval=5",

@@ -1,7 +1,7 @@
 """Run under torchrun by the distributed tests: trains through the real entry-point code, then
 writes what the tests compare (per-step losses, a checksum of every rank's weights) to JSON.
 
-usage: torchrun ... tests/dist/worker.py OUT.json CONFIG [overrides...]
+usage: torchrun ... tests/distributed/worker.py OUT.json CONFIG [overrides...]
 """
 
 import hashlib
