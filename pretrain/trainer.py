@@ -70,6 +70,7 @@ class Trainer:
     hooks: list[Any] = field(default_factory=list)
     stop_reason: str | None = None
     losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -169,6 +170,7 @@ class Trainer:
         while self.state.step < self.cfg.run.train_steps:
             metrics = self.train_step()
             self.losses.append(metrics["loss"])
+            self.grad_norms.append(metrics["grad_norm"])
             for hook in self.hooks:
                 hook.after_step(self, metrics)
             if self._all_agree_to_stop():

@@ -7,9 +7,13 @@ fixture runs them all once and the tests read their records:
   first     the same config, stops after 10 steps             (a preempted job)
   resumed   run.resume=auto on first's run directory, 10 more steps, in new processes
   no_data   resumes first's checkpoint without its data position     (negative control)
-  zero3     ZeRO stage 3, 10 steps                              (compared with straight)
+  zero0     ZeRO stage 0, no dropout, 10 steps                  (reference for the next two)
+  zero3     ZeRO stage 3 with 2 micro-batches of gradient accumulation per step
+  bf16      bf16 mixed precision, ZeRO 1
 
-Dropout is on, so the resume also depends on every rank's RNG state being restored.
+Dropout is on in the first four, so the resume also depends on every rank's RNG state being
+restored; it is off in the last three, whose dropout masks would legitimately differ (a
+micro-batch of 2 draws other masks than one of 4).
 """
 
 from __future__ import annotations
@@ -81,14 +85,18 @@ def runs(tmp_path_factory, small_dataset):
         "checkpoint.exclude_from_loading=[data]",
         "tracking.enabled=false",
     )
+    ref = ("model.dropout=0.0", "run.exit_after_steps=10", "tracking.enabled=false")
+    r["zero0"] = launch(tmp, "zero0", small_dataset, "parallel.zero_stage=0", *ref)
     r["zero3"] = launch(
         tmp,
         "zero3",
         small_dataset,
         "parallel.zero_stage=3",
-        "run.exit_after_steps=10",
-        "tracking.enabled=false",
+        "parallel.micro_batch_size=2",
+        "parallel.global_batch_size=8",
+        *ref,
     )
+    r["bf16"] = launch(tmp, "bf16", small_dataset, "run.precision=bf16", *ref)
     return r
 
 
@@ -129,11 +137,30 @@ def test_resume_without_data_position_differs(runs):
     assert no_data["digest"] != runs["straight"][0]["digest"]
 
 
-def test_zero3_matches_zero1(runs):
-    z1, z3 = runs["straight"][0]["losses"][:10], runs["zero3"][0]["losses"]
-    assert len(z3) == 10
-    for a, b in zip(z1, z3, strict=True):
+def test_zero3_with_accumulation_matches_zero0(runs):
+    """The same global batch of 8 as 2 ranks x 1 micro-batch of 4 (ZeRO 0) and as 2 ranks x 2
+    accumulated micro-batches of 2 (ZeRO 3, parameters partitioned) trains the same model."""
+    z0, z3 = runs["zero0"][0], runs["zero3"][0]
+    assert (z0["zero_stage"], z0["grad_accum"]) == (0, 1)
+    assert (z3["zero_stage"], z3["grad_accum"]) == (3, 2)
+    assert len(z3["losses"]) == 10
+    for a, b in zip(z0["losses"], z3["losses"], strict=True):
         assert b == pytest.approx(a, rel=1e-4)
+    for a, b in zip(z0["grad_norms"], z3["grad_norms"], strict=True):
+        assert b == pytest.approx(a, rel=1e-3)
+    # Not vacuous: the dropout-on run of the same data differs by far more than the tolerance.
+    assert runs["straight"][0]["losses"][1] != pytest.approx(z0["losses"][1], rel=1e-4)
+
+
+def test_bf16_trains_close_to_fp32(runs):
+    bf16, fp32 = runs["bf16"][0], runs["zero0"][0]
+    assert bf16["bf16"] and not fp32["bf16"]
+    assert all(math.isfinite(x) for x in bf16["losses"])
+    # bf16 rounds activations to 8 bits of mantissa: close to fp32, but not equal.
+    for a, b in zip(fp32["losses"], bf16["losses"], strict=True):
+        assert b == pytest.approx(a, rel=0.02)
+    assert bf16["losses"] != fp32["losses"]
+    assert sum(bf16["losses"][-3:]) / 3 < bf16["losses"][0] - 0.3
 
 
 def test_checkpoints_are_complete_and_resume_continues_the_mlflow_run(runs):

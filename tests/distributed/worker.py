@@ -19,7 +19,7 @@ def weights_digest(module: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, p in sorted(module.named_parameters()):
         h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -34,6 +34,10 @@ def main() -> None:
         "step": trainer.state.step,
         "consumed": trainer.train_data.consumed,
         "digest": weights_digest(trainer.engine.module),
+        "bf16": bool(trainer.engine.bfloat16_enabled()),
+        "grad_accum": layout.grad_accum,
+        "zero_stage": trainer.engine.zero_optimization_stage(),
+        "grad_norms": trainer.grad_norms,
     }
     gathered = [None] * layout.world_size
     dist.all_gather_object(gathered, record)
