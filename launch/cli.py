@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 
-from launch.torchrun import Topology, check_topology, render, torchrun_command
+from launch.torchrun import Topology, check_data, check_topology, render, torchrun_command
 from pretrain.config import ConfigError, load_config
 
 
@@ -41,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
                 topo.node_rank,
                 f"use a rank in [0, {topo.nnodes - 1}] for --nnodes {topo.nnodes}",
             )
-        check_topology(load_config(args.config, args.overrides), topo)
+        cfg = load_config(args.config, args.overrides)
+        check_topology(cfg, topo)
+        if not args.dry_run:  # a command written for another machine may name its data
+            check_data(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

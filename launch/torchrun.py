@@ -5,8 +5,9 @@ from __future__ import annotations
 import shlex
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
-from pretrain.config import Config
+from pretrain.config import Config, ConfigError
 
 
 @dataclass(frozen=True)
@@ -47,3 +48,16 @@ def check_topology(cfg: Config, topo: Topology) -> None:
 
 def render(cmd: list[str]) -> str:
     return shlex.join(cmd)
+
+
+def check_data(cfg: Config) -> None:
+    """A missing dataset, found before any rank starts (a file check, no torch)."""
+    blend = getattr(cfg.data, "blend", None) or []
+    paths = [entry.split()[-1] for entry in blend] or [cfg.data.path]
+    for path in paths:
+        if not (Path(path) / "dataset.json").is_file():
+            raise ConfigError(
+                "data.path",
+                path,
+                f"no dataset there; build one with `pretrain-data build --out {path} ...`",
+            )

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pretrain.config import Config
 from pretrain.distributed import Layout
 from pretrain.errors import CheckpointError
 
@@ -79,6 +80,47 @@ def resolve_resume(resume: str, ckpt_dir: Path) -> Path | None:
     return path
 
 
+def check_compatible(path: Path, cfg: Config, fingerprint: str, dp: int) -> None:
+    """Refuse, before any process group exists, a resume that would fail or silently
+    misbehave after start-up: another model-parallel layout, another ZeRO stage or data-parallel
+    size for sharded optimizer state, or other data than the checkpoint was trained on."""
+    meta = json.loads((path / COMPLETE).read_text())
+    p, exclude = cfg.parallel, cfg.checkpoint.exclude_from_loading
+    if (meta["tp"], meta["pp"]) != (p.tp, p.pp):
+        raise CheckpointError(
+            f"checkpoint {path} was saved with tp={meta['tp']}, pp={meta['pp']}; this run has "
+            f"tp={p.tp}, pp={p.pp}: resume with the same model-parallel layout"
+        )
+    stage = meta.get("zero_stage", 0)
+    if stage == 3 and meta["dp"] != dp:
+        raise CheckpointError(
+            f"checkpoint {path} holds ZeRO-3 weight shards of {meta['dp']} data-parallel ranks; "
+            f"this run has {dp}: launch {meta['world_size']} processes to resume it"
+        )
+    if "optimizer" not in exclude:
+        if stage != p.zero_stage:
+            raise CheckpointError(
+                f"checkpoint {path} was saved with ZeRO stage {stage}, this run uses "
+                f"parallel.zero_stage={p.zero_stage}: use the same stage, or add 'optimizer' to "
+                f"checkpoint.exclude_from_loading to start the optimizer state afresh"
+            )
+        if stage > 0 and meta["dp"] != dp:
+            raise CheckpointError(
+                f"checkpoint {path} holds ZeRO-{stage} optimizer shards of {meta['dp']} "
+                f"data-parallel ranks; this run has {dp}: launch {meta['world_size']} processes, "
+                f"or add 'optimizer' to checkpoint.exclude_from_loading"
+            )
+    saved = meta.get("data") or {}
+    if "data" not in exclude and saved:
+        for key, mine in (("fingerprint", fingerprint), ("seq_len", cfg.model.seq_len)):
+            if saved.get(key) != mine:
+                raise CheckpointError(
+                    f"checkpoint {path} was trained on data with {key} {saved.get(key)!r}, this "
+                    f"run's is {mine!r}: resume with the same data and model.seq_len, or add "
+                    f"'data' to checkpoint.exclude_from_loading to start the data afresh"
+                )
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -112,6 +154,8 @@ def save(
             "dp": layout.dp_size,
             "tp": layout.tp_size,
             "pp": layout.pp_size,
+            "zero_stage": engine.zero_optimization_stage(),
+            "data": {k: client_state["data"].get(k) for k in ("fingerprint", "seq_len")},
             "time": time.time(),
         }
         _write_atomic(path / COMPLETE, json.dumps(meta))

@@ -246,6 +246,9 @@ class ParallelConfig:
     def validate(self) -> None:
         for name in ("tp", "pp", "micro_batch_size"):
             _need(getattr(self, name) >= 1, f"parallel.{name}", getattr(self, name), "use >= 1")
+        # Without pipeline stages a pp > 1 layout would silently train full replicas.
+        _need(self.pp <= 1, "parallel.pp", self.pp,
+              "pipeline parallelism is not built yet; use parallel.pp=1")
         if self.dp is not None:
             _need(self.dp >= 1, "parallel.dp", self.dp, "use >= 1 or null")
         _need(
@@ -535,7 +538,8 @@ def describe() -> str:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             hint = hints[f.name]
             type_name = hint.__name__ if isinstance(hint, type) else str(hint)
-            type_name = type_name.replace("typing.", "")
+            # Escape '|' (as in `int | None`): it would split a Markdown table cell.
+            type_name = type_name.replace("typing.", "").replace("|", "\\|")
             lines.append(f"| `{f.name}` | `{type_name}` | `{default!r}` | {f.metadata['help']} |")
         lines.append("")
     return "\n".join(lines)

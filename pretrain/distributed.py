@@ -4,8 +4,9 @@
 the layout against the world size *before* any group exists, picks the device and backend (gloo on
 CPU, NCCL on CUDA: one code path for both), starts torch.distributed through DeepSpeed and builds
 megatron-core's tensor/pipeline/data groups. Everything downstream receives the returned `Layout`
-instead of reading globals. Rank order is megatron's: tensor-parallel ranks are adjacent, then
-pipeline, then data parallel.
+instead of reading globals. Rank order is megatron-core's default (tp-cp-ep-dp-pp):
+tensor-parallel ranks are adjacent (one node, fastest links), then data parallel, and pipeline
+stages outermost.
 """
 
 from __future__ import annotations

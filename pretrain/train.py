@@ -19,6 +19,30 @@ from pretrain.config import Config, ConfigError, load_config, resolve_vocab
 from pretrain.errors import CheckpointError
 
 
+class RunLog:
+    """Rank 0's printer: each line goes to stdout and is appended to the run directory's
+    train.log, so a run's history stays beside its checkpoints. Other ranks print nothing."""
+
+    def __init__(self, path: Path | None):
+        self.file = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = path.open("a")
+
+    def __call__(self, *parts: Any, **kwargs: Any) -> None:
+        if self.file is None:
+            return
+        text = " ".join(str(p) for p in parts)
+        print(text, flush=True)
+        self.file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="pretrain-train", description=__doc__)
     p.add_argument("config", help="YAML config file (see configs/)")
@@ -32,12 +56,15 @@ def prepare(argv: list[str] | None) -> tuple[Config, Any, Path | None]:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     from data_pipeline.loader import DatasetInfo
-    from pretrain.checkpoint import resolve_resume
+    from pretrain.checkpoint import check_compatible, resolve_resume
 
     info = DatasetInfo(cfg.data.path)
     cfg = resolve_vocab(cfg, info.vocab_size)
-    cfg.parallel.layout(int(os.environ.get("WORLD_SIZE", 1)))
-    return cfg, info, resolve_resume(cfg.run.resume, cfg.checkpoint_dir)
+    dp, _ = cfg.parallel.layout(int(os.environ.get("WORLD_SIZE", 1)))
+    resume_from = resolve_resume(cfg.run.resume, cfg.checkpoint_dir)
+    if resume_from is not None:
+        check_compatible(resume_from, cfg, info.fingerprint, dp)
+    return cfg, info, resume_from
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +94,7 @@ def run(cfg: Config, info: Any, resume_from: Path | None, layout):
     from pretrain.models.gpt import GPT
     from pretrain.tracking import Tracker
 
-    say = print if layout.is_main else (lambda *a, **k: None)
+    say = RunLog(cfg.run.run_dir / "train.log" if layout.is_main else None)
     seed_all(cfg.run.seed)  # identical initial weights on every rank
     model = GPT(cfg.model, layout.tp_group, layout.tp_size).to(layout.device)
     # Dropout streams: distinct per data-parallel rank, shared inside a tensor-parallel group
@@ -138,6 +165,7 @@ def run(cfg: Config, info: Any, resume_from: Path | None, layout):
     if done:
         summarize(trainer, info, say, elapsed, start_step, evals.last, saves.last_path)
     tracker.finish("FINISHED" if done else "KILLED")
+    say.close()
     return trainer
 
 
@@ -174,7 +202,8 @@ def summarize(
     if trainer.tracker.active:
         say(
             f"MLflow: run {trainer.tracker.run_id} in {trainer.tracker.uri}\n"
-            f"  open the UI with: mlflow ui --backend-store-uri {trainer.tracker.uri}"
+            f"  open the UI with: {Path(sys.executable).parent / 'mlflow'} ui "
+            f"--backend-store-uri {trainer.tracker.uri}"
         )
     if cfg.run.sample_tokens:
         tok = Tokenizer.load(info.tokenizer_file)

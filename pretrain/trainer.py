@@ -69,8 +69,7 @@ class Trainer:
     state: TrainState = field(default_factory=TrainState)
     hooks: list[Any] = field(default_factory=list)
     stop_reason: str | None = None
-    losses: list[float] = field(default_factory=list)
-    grad_norms: list[float] = field(default_factory=list)
+    history: list[dict[str, float]] = field(default_factory=list)  # metrics of each step
 
     @property
     def ckpt_dir(self) -> Path:
@@ -85,6 +84,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches; returns the step's metrics."""
         self.engine.train()
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
         micro = self.train_data.next_step()
         device = self.layout.device
         loss_sum, norm = torch.zeros((), device=device), None
@@ -103,7 +103,7 @@ class Trainer:
         self.state.consumed_tokens += self.tokens_per_step
         return {
             "loss": loss_sum.item() / (len(micro) * self.layout.dp_size),
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": lr,
             "grad_norm": norm,
         }
 
@@ -149,10 +149,30 @@ class Trainer:
         exclude = self.cfg.checkpoint.exclude_from_loading
         client, rank_state = checkpoint.load(self.engine, self.layout, path, exclude)
         self.state.load_state_dict(client["trainer"])
+        self._apply_optim_config()
         if "data" not in exclude:
             self.train_data.load_state_dict(client["data"])
         if "rng" not in exclude and rank_state is not None:
             set_rng_state(rank_state["rng"])
+
+    def _apply_optim_config(self) -> None:
+        """The config wins over the checkpoint for optimizer settings (Megatron's
+        --override-opt_param-scheduler): DeepSpeed restores the saved AdamW hyperparameters and
+        the schedule's base rate, so without this a resumed run would silently ignore a changed
+        optim.lr, betas, eps or weight_decay. Unchanged values give the same numbers."""
+        o = self.cfg.optim
+        sched = self.scheduler
+        sched.base_lrs = [o.lr for _ in sched.base_lrs]
+        opt = self.engine.optimizer  # DeepSpeed's wrapper; bf16's keeps the groups inside
+        groups = opt.param_groups if hasattr(opt, "param_groups") else opt.optimizer.param_groups
+        for i, group in enumerate(groups):
+            group["betas"], group["eps"] = (o.beta1, o.beta2), o.eps
+            # Groups come from pretrain.optim.param_groups: [decayed, not decayed].
+            group["weight_decay"] = o.weight_decay if i == 0 else 0.0
+            group["initial_lr"] = o.lr
+        for group, base, fn in zip(groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+            group["lr"] = base * fn(sched.last_epoch)
+        sched._last_lr = [group["lr"] for group in groups]
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -169,8 +189,7 @@ class Trainer:
     def fit(self) -> None:
         while self.state.step < self.cfg.run.train_steps:
             metrics = self.train_step()
-            self.losses.append(metrics["loss"])
-            self.grad_norms.append(metrics["grad_norm"])
+            self.history.append(metrics)
             for hook in self.hooks:
                 hook.after_step(self, metrics)
             if self._all_agree_to_stop():
@@ -313,17 +332,20 @@ class CheckpointHook:
 class ExitHook:
     """Preemption and time limits: stop cleanly (the checkpoint hook then saves) after
     `run.exit_after_steps` steps or `run.exit_after_minutes` of this launch, or on SIGTERM or
-    SIGUSR1 (what Slurm sends before a time limit or preemption)."""
+    SIGUSR1 (what Slurm sends before a time limit or preemption), or on the first Ctrl-C
+    (SIGINT); a second Ctrl-C interrupts at once without saving."""
 
     def __init__(self, start_step: int):
         self.start_step = start_step
         self.t0 = time.monotonic()
         self.signalled: str | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.signalled = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def after_step(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         run = trainer.cfg.run

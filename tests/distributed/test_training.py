@@ -7,6 +7,7 @@ fixture runs them all once and the tests read their records:
   first     the same config, stops after 10 steps             (a preempted job)
   resumed   run.resume=auto on first's run directory, 10 more steps, in new processes
   no_data   resumes first's checkpoint without its data position     (negative control)
+  new_lr    resumes first's checkpoint with a lower optim.lr: the config wins over the checkpoint
   zero0     ZeRO stage 0, no dropout, 10 steps                  (reference for the next two)
   zero3     ZeRO stage 3 with 2 micro-batches of gradient accumulation per step
   bf16      bf16 mixed precision, ZeRO 1
@@ -85,6 +86,15 @@ def runs(tmp_path_factory, small_dataset):
         "checkpoint.exclude_from_loading=[data]",
         "tracking.enabled=false",
     )
+    r["new_lr"] = launch(
+        tmp,
+        "new_lr",
+        small_dataset,
+        f"run.resume={ckpt10}",
+        "optim.lr=1e-3",
+        "optim.min_lr=1e-4",
+        "tracking.enabled=false",
+    )
     ref = ("model.dropout=0.0", "run.exit_after_steps=10", "tracking.enabled=false")
     r["zero0"] = launch(tmp, "zero0", small_dataset, "parallel.zero_stage=0", *ref)
     r["zero3"] = launch(
@@ -137,6 +147,24 @@ def test_resume_without_data_position_differs(runs):
     assert no_data["digest"] != runs["straight"][0]["digest"]
 
 
+def test_resume_applies_a_changed_learning_rate(runs):
+    """DeepSpeed restores the saved schedule; the run's config must win (and only the rate may
+    change: the step count and schedule position continue)."""
+    from pretrain.config import OptimConfig
+    from pretrain.optim import lr_lambda
+
+    new = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=4)
+    old = OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=4)
+    want = [new.lr * lr_lambda(new, 20)(step) for step in range(10, 20)]
+    got = runs["new_lr"][0]["lrs"]
+    assert got == pytest.approx(want, rel=1e-9)
+    assert runs["straight"][0]["lrs"][10:] == pytest.approx(
+        [old.lr * lr_lambda(old, 20)(step) for step in range(10, 20)], rel=1e-9
+    )
+    # The logged rate is the one each step used: the first step of a run is in warmup.
+    assert runs["straight"][0]["lrs"][0] == pytest.approx(old.lr / 4)
+
+
 def test_zero3_with_accumulation_matches_zero0(runs):
     """The same global batch of 8 as 2 ranks x 1 micro-batch of 4 (ZeRO 0) and as 2 ranks x 2
     accumulated micro-batches of 2 (ZeRO 3, parameters partitioned) trains the same model."""
@@ -187,3 +215,5 @@ def test_checkpoints_are_complete_and_resume_continues_the_mlflow_run(runs):
     assert sorted(m.step for m in val) == [10, 20]
     assert run.data.params["model.n_layers"] == "2"
     assert run.info.status == "FINISHED"
+    log = (runs["tmp"] / "runs" / "split" / "train.log").read_text()
+    assert "resumed from" in log and "step     20/20" in log and "saved checkpoint" in log

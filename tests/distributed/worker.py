@@ -30,14 +30,15 @@ def main() -> None:
     trainer = run(cfg, info, resume_from, layout)
     record = {
         "rank": layout.rank,
-        "losses": trainer.losses,
+        "losses": [m["loss"] for m in trainer.history],
+        "lrs": [m["lr"] for m in trainer.history],
         "step": trainer.state.step,
         "consumed": trainer.train_data.consumed,
         "digest": weights_digest(trainer.engine.module),
         "bf16": bool(trainer.engine.bfloat16_enabled()),
         "grad_accum": layout.grad_accum,
         "zero_stage": trainer.engine.zero_optimization_stage(),
-        "grad_norms": trainer.grad_norms,
+        "grad_norms": [m["grad_norm"] for m in trainer.history],
     }
     gathered = [None] * layout.world_size
     dist.all_gather_object(gathered, record)

@@ -107,9 +107,9 @@ def test_launch_checks_the_world_size_of_all_nodes(capsys, no_launch):
     assert "world size 2" in capsys.readouterr().err
 
 
-def test_launch_runs_what_dry_run_prints(capsys, monkeypatch):
+def test_launch_runs_what_dry_run_prints(capsys, monkeypatch, dataset):
     """Without --dry-run the same argv goes to subprocess.call, with one thread per rank."""
-    args = [TINY, "--nproc-per-node", "2", "run.train_steps=5"]
+    args = [TINY, "--nproc-per-node", "2", "run.train_steps=5", f"data.path={dataset}"]
     printed = dry_run(capsys, *args)
     calls = []
     monkeypatch.setattr(
@@ -123,6 +123,16 @@ def test_launch_runs_what_dry_run_prints(capsys, monkeypatch):
     assert cmd1 == printed and cmd2 == printed
     assert env1["OMP_NUM_THREADS"] == "1"
     assert env2["OMP_NUM_THREADS"] == "3"  # the user's choice wins
+
+
+def test_launch_without_data_stops_before_starting_ranks(capsys, no_launch, tmp_path):
+    missing = tmp_path / "no_such_dataset"
+    rc = launch_main([TINY, "--nproc-per-node", "2", f"data.path={missing}"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == ""
+    assert err.startswith(f"error: config data.path='{missing}'") and "pretrain-data build" in err
+    # A dry run prints the command anyway: it may be meant for a machine that has the data.
+    assert launch_main([TINY, "--nproc-per-node", "2", f"data.path={missing}", "--dry-run"]) == 0
 
 
 @pytest.mark.parametrize("dry", [True, False])

@@ -320,6 +320,7 @@ VALIDATE_CASES = [
     # parallel
     ov("parallel.tp", ["parallel.tp=0"], "parallel.tp", 0, ">= 1"),
     ov("parallel.pp", ["parallel.pp=0"], "parallel.pp", 0, ">= 1"),
+    ov("parallel.pp-not-built", ["parallel.pp=2"], "parallel.pp", 2, "not built yet"),
     ov(
         "parallel.micro_batch_size",
         ["parallel.micro_batch_size=0"],
