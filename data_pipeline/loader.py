@@ -1,257 +1,303 @@
 """Streaming, packed, data-parallel batches from webdataset shards, resumable to the sequence.
 
-The order of training sequences is a pure function of (dataset fingerprint, seed, epoch):
+The order of training sequences is a pure function of (dataset fingerprint, seed, epoch)
+(`data_pipeline.packing`): shards shuffled per epoch, documents packed with an EOS after each,
+sequence i of an epoch cut at stream[i*L : i*L + L + overlap], sequences shuffled inside
+windows. Several datasets can be mixed by weight (`data_pipeline.blend`). An objective
+(`data_pipeline.objectives`) turns each sequence into the model's inputs, drawing its
+randomness from (seed, global index), never from a generator's state.
 
-1. each epoch visits the split's shards in an order shuffled by (seed, epoch);
-2. the documents of those shards, each followed by the end-of-document token, form one token
-   stream; sequence i of the epoch is stream[i*L : i*L + L + 1] (inputs and shifted targets share
-   L of those tokens, so no token is wasted);
-3. sequences are shuffled inside consecutive windows of `shuffle_window` by a permutation drawn
-   from (seed, epoch, window).
-
-Global sequence g is sequence g % N of epoch g // N. A data-parallel rank r of R takes its
-contiguous slice of each global batch. The loader's whole position is the number of global
-sequences consumed, an integer that does not depend on R: a run resumes exactly, at the same or
-another data-parallel size, by jumping to the window that holds it (no replay from the start).
+A data-parallel rank r of R takes its contiguous slice of each global batch. The loader's whole
+position is the number of global sequences consumed, an integer that does not depend on R or on
+the number of worker processes: a run resumes exactly, at the same or another data-parallel
+size, by jumping to the window that holds it (no replay from the start).
 """
 
 from __future__ import annotations
 
-import bisect
-import json
-import tarfile
-from collections import OrderedDict
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections import deque
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
-import webdataset as wds
 
+from data_pipeline.blend import BlendedSequences, open_datasets
+from data_pipeline.dataset import DatasetInfo, Shard, check_vocab, read_shard_stream
 from data_pipeline.errors import DataError
+from data_pipeline.objectives import Causal, Objective, make_objective
+from data_pipeline.packing import PackedSequences
+from data_pipeline.workers import OrderedWorkers
+
+__all__ = [
+    "DatasetInfo",
+    "DistributedBatches",
+    "MicroBatchMaker",
+    "PackedSequences",
+    "Shard",
+    "check_data",
+    "make_batches",
+    "open_datasets",
+    "read_shard_stream",
+]
+
+Sequences = PackedSequences | BlendedSequences
 
 
-@dataclass(frozen=True)
-class Shard:
-    path: Path
-    documents: int
-    tokens: int
+# Micro-batches are made in groups of about this many tokens per objective call: a numpy call
+# costs microseconds whatever its size, so tiny micro-batches (the CPU configs' 4 x 32) made
+# one at a time would spend their time in call overhead.
+GROUP_TOKENS = 16384
 
-    @property
-    def stream_length(self) -> int:
-        """Tokens this shard contributes to the stream: its documents plus one EOS each."""
-        return self.tokens + self.documents
+Task = tuple[int, int]  # (first global sequence, count) of one micro-batch
 
 
-class DatasetInfo:
-    """The metadata of a dataset directory written by `pretrain-data build`."""
+class MicroBatchMaker:
+    """Micro-batches, as numpy arrays, from ranges of global sequences: what a worker runs."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        meta_file = self.path / "dataset.json"
-        if not meta_file.is_file():
-            raise DataError(
-                f"no dataset at {self.path} (missing dataset.json); build one with "
-                f"`pretrain-data build --out {self.path} ...` or fix data.path"
-            )
-        self.meta = json.loads(meta_file.read_text())
-        self.fingerprint: str = self.meta["fingerprint"]
-        tok = self.meta["tokenizer"]
-        self.vocab_size: int = tok["vocab_size"]
-        self.eos_id: int = tok["eos_id"]
-        self.tokenizer_file = self.path / tok["file"]
-        table = pq.read_table(self.path / "manifest.parquet").to_pylist()
-        self.shards: dict[str, list[Shard]] = {}
-        for row in table:
-            self.shards.setdefault(row["split"], []).append(
-                Shard(self.path / row["shard"], int(row["documents"]), int(row["tokens"]))
-            )
+    def __init__(self, sequences: Sequences, objective: Objective):
+        self.sequences, self.objective = sequences, objective
 
-    def split(self, name: str) -> list[Shard]:
-        shards = self.shards.get(name, [])
-        if not shards:
-            raise DataError(
-                f"dataset {self.path} has no '{name}' split; rebuild it with a "
-                f"non-zero share for that split"
-            )
-        return shards
-
-
-def read_shard_stream(shard: Shard, eos_id: int) -> np.ndarray:
-    """All documents of one shard, each followed by EOS, as one array in the shard's token
-    dtype (uint16 for vocabularies up to 65536: a quarter of int64's memory in the window)."""
-    pieces = []
-    try:
-        samples = wds.WebDataset(
-            str(shard.path),
-            shardshuffle=False,
-            nodesplitter=None,
-            workersplitter=None,
-            empty_check=False,
-        ).decode()
-        for sample in samples:
-            doc = sample["npy"]
-            pieces += [doc, np.array([eos_id], dtype=doc.dtype)]
-    except (OSError, ValueError, KeyError, tarfile.TarError) as e:
-        raise DataError(
-            f"cannot read shard {shard.path} ({e}); run `pretrain-data verify` on "
-            f"the dataset and rebuild it"
-        ) from None
-    stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint32)
-    if len(stream) != shard.stream_length:
-        raise DataError(
-            f"shard {shard.path} holds {len(stream) - len(pieces) // 2} tokens in "
-            f"{len(pieces) // 2} documents, the manifest says {shard.tokens} in "
-            f"{shard.documents}: it is truncated or corrupt; rebuild the dataset"
-        )
-    return stream
-
-
-class PackedSequences:
-    """The global stream of packed sequences (L + 1 tokens each) of one split."""
-
-    def __init__(
-        self,
-        info: DatasetInfo,
-        split: str,
-        seq_len: int,
-        seed: int,
-        shuffle_window: int = 1,
-        shuffle_shards: bool = True,
-        cache_shards: int = 2,
-    ):
-        self.info, self.split, self.seq_len, self.seed = info, split, seq_len, seed
-        self.shards = info.split(split)
-        self.shuffle_window = shuffle_window
-        self.shuffle_shards = shuffle_shards
-        total = sum(s.stream_length for s in self.shards)
-        self.per_epoch = (total - 1) // seq_len
-        if self.per_epoch < 1:
-            raise DataError(
-                f"the '{split}' split of {info.path} has {total} tokens, fewer than "
-                f"one sequence of {seq_len + 1}; use more data or a smaller seq_len"
-            )
-        self._cache: OrderedDict[Path, np.ndarray] = OrderedDict()
-        self._cache_size = cache_shards
-
-    def shard_order(self, epoch: int) -> list[Shard]:
-        if not self.shuffle_shards:
-            return self.shards
-        perm = np.random.default_rng([self.seed, epoch, 0]).permutation(len(self.shards))
-        return [self.shards[i] for i in perm]
-
-    def _shard_tokens(self, shard: Shard) -> np.ndarray:
-        if shard.path not in self._cache:
-            self._cache[shard.path] = read_shard_stream(shard, self.info.eos_id)
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return self._cache[shard.path]
-
-    def _read_range(self, epoch: int, start: int, stop: int) -> np.ndarray:
-        """Stream tokens [start, stop) of an epoch."""
-        order = self.shard_order(epoch)
-        ends = np.cumsum([s.stream_length for s in order]).tolist()
-        first = bisect.bisect_right(ends, start)
-        pieces, pos = [], start
-        for i in range(first, len(order)):
-            shard_start = ends[i] - order[i].stream_length
-            if shard_start >= stop:
-                break
-            tokens = self._shard_tokens(order[i])
-            pieces.append(tokens[pos - shard_start : min(stop, ends[i]) - shard_start])
-            pos = min(stop, ends[i])
-        return np.concatenate(pieces)
-
-    def _window(self, epoch: int, window: int) -> tuple[np.ndarray, np.ndarray]:
-        """The window's sequences as an [n, L+1] view, and the order to emit them in."""
-        first = window * self.shuffle_window
-        n = min(self.shuffle_window, self.per_epoch - first)
-        L = self.seq_len
-        tokens = self._read_range(epoch, first * L, (first + n) * L + 1)
-        seqs = np.lib.stride_tricks.sliding_window_view(tokens, L + 1)[::L]
-        if self.shuffle_window == 1:
-            order = np.arange(n)
-        else:
-            order = np.random.default_rng([self.seed, epoch, window + 1]).permutation(n)
-        return seqs, order
-
-    def iter_from(self, index: int) -> Iterator[np.ndarray]:
-        """Global sequences index, index + 1, ... forever (epoch after epoch)."""
-        while True:
-            epoch, pos = divmod(index, self.per_epoch)
-            window = pos // self.shuffle_window
-            seqs, order = self._window(epoch, window)
-            for j in range(pos - window * self.shuffle_window, len(order)):
-                yield seqs[order[j]]
-                index += 1
+    def __call__(self, tasks: list[Task]) -> list[dict[str, np.ndarray]]:
+        rows = np.concatenate([self.sequences.rows(start, count) for start, count in tasks])
+        index = np.concatenate([np.arange(s, s + c, dtype=np.int64) for s, c in tasks])
+        batch = self.objective(rows, index)
+        # The objective is row-wise, so one call on the group equals one call per micro-batch.
+        cuts = np.cumsum([count for _, count in tasks])[:-1]
+        parts = {key: np.split(value, cuts) for key, value in batch.items()}
+        return [{key: parts[key][i] for key in batch} for i in range(len(tasks))]
 
 
 class DistributedBatches:
     """This rank's micro-batches of each global batch, with a DP-size-free resumable position.
 
     A global batch is `micro_batch * dp_size * grad_accum` consecutive global sequences; rank r
-    takes the r-th contiguous part and splits it into `grad_accum` micro-batches.
+    takes the r-th contiguous part and splits it into `grad_accum` micro-batches. This rank's
+    micro-batches are made in groups of consecutive ones (one micro-batch per group once it
+    holds GROUP_TOKENS or more). With `num_workers` > 0, worker processes make the groups
+    (round robin, results in order, `prefetch` groups each ahead). Whatever was made ahead,
+    the position is counted at step boundaries only and a new position discards it.
     """
 
     def __init__(
         self,
-        sequences: PackedSequences,
+        sequences: Sequences,
         micro_batch: int,
         dp_rank: int,
         dp_size: int,
         grad_accum: int = 1,
+        objective: Objective | None = None,
+        num_workers: int = 0,
+        prefetch: int = 2,
+        group_tokens: int = GROUP_TOKENS,
     ):
-        self.sequences = sequences
+        if objective is None:
+            objective = Causal(sequences.seq_len, sequences.info.eos_id)
+        if (objective.raw_len, objective.overlap) != (sequences.seq_len, sequences.overlap):
+            raise ValueError(
+                f"the {objective.name} objective reads sequences of {objective.raw_len} + "
+                f"{objective.overlap} tokens, the source cuts {sequences.seq_len} + "
+                f"{sequences.overlap}; build the source for it (see make_batches)"
+            )
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank {dp_rank} is not in [0, {dp_size})")
+        self.sequences, self.objective = sequences, objective
         self.micro_batch, self.dp_rank, self.dp_size = micro_batch, dp_rank, dp_size
         self.grad_accum = grad_accum
         self.global_batch = micro_batch * dp_size * grad_accum
         self.consumed = 0
-        self._it: Iterator[np.ndarray] | None = None
+        self.maker = MicroBatchMaker(sequences, objective)
+        self.workers = OrderedWorkers(self.maker, num_workers, prefetch) if num_workers else None
+        self.group = max(1, group_tokens // (micro_batch * sequences.length))
+        self._groups: Iterator[list[Task]] | None = None  # from `consumed`, once started
+        self._ready: deque[dict[str, np.ndarray]] = deque()  # made ahead, in order
+
+    @property
+    def tokens_per_sequence(self) -> int:
+        """Tokens the model reads per sequence: encoder plus decoder tokens for span
+        corruption (throughput and MFU count both), else the sequence length."""
+        return self.objective.seq_len + getattr(self.objective, "dec_len", 0)
 
     @property
     def epoch(self) -> float:
-        return self.consumed / self.sequences.per_epoch
+        """Passes over the data so far (over the most-repeated dataset of a blend)."""
+        return self.sequences.epoch_of(self.consumed)
+
+    def mixture(self) -> list[dict[str, Any]]:
+        """The realised mixture so far: per dataset its path, weight, sequences served, fraction
+        of all sequences, and epochs."""
+        return self.sequences.mixture(self.consumed)
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """DataError unless every id the data holds or the objective writes is below the
+        model's `vocab_size` (reads token_counts.npz; no shard)."""
+        for info in self.sequences.infos:
+            check_vocab(info, vocab_size, self.objective.emitted_ids())
+
+    def _tasks(self, consumed: int) -> Iterator[list[Task]]:
+        """This rank's micro-batches from `consumed` on, in groups of 1, 2, 4 ... up to
+        `self.group` (a loader that is rewound often, as for evaluation, makes little ahead)."""
+        per_rank = self.micro_batch * self.grad_accum
+        group: list[Task] = []
+        size = 1
+        while True:
+            base = consumed + self.dp_rank * per_rank
+            for m in range(self.grad_accum):
+                group.append((base + m * self.micro_batch, self.micro_batch))
+                if len(group) == size:
+                    yield group
+                    group, size = [], min(2 * size, self.group)
+            consumed += self.global_batch
 
     def next_step(self) -> list[dict[str, torch.Tensor]]:
-        """This rank's micro-batches for the next optimizer step.
-
-        A batch is a dict of named tensors that the model takes as keyword arguments; for the
-        causal objective {"tokens": [b, L], "targets": [b, L]}, targets shifted by one.
+        """This rank's micro-batches for the next optimizer step: `grad_accum` dicts of named
+        tensors that the model takes as keyword arguments (keys: see data_pipeline.objectives).
         """
-        if self._it is None:
-            self._it = self.sequences.iter_from(self.consumed)
-        batch = [next(self._it) for _ in range(self.global_batch)]
+        if self._groups is None:
+            self._groups = self._tasks(self.consumed)
+            self._ready.clear()
+            if self.workers is not None:
+                self.workers.start(self._groups)
+        try:
+            while len(self._ready) < self.grad_accum:
+                if self.workers is not None:
+                    self._ready.extend(self.workers.next())
+                else:
+                    self._ready.extend(self.maker(next(self._groups)))
+        except BaseException:
+            # A failed group is gone from the task stream: restart it at `consumed` so that a
+            # caller that goes on (or an interrupted one) stays at the right position.
+            self._groups = None
+            raise
+        micro = [self._ready.popleft() for _ in range(self.grad_accum)]
         self.consumed += self.global_batch
-        per_rank = self.global_batch // self.dp_size
-        mine = np.stack(batch[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank])
-        mine = mine.astype(np.int64)  # embedding lookups take int64 ids
-        tokens = torch.from_numpy(mine)
-        micro = tokens.split(self.micro_batch)
-        return [{"tokens": m[:, :-1].contiguous(), "targets": m[:, 1:].contiguous()} for m in micro]
+        return [{k: torch.from_numpy(v) for k, v in batch.items()} for batch in micro]
 
     def state_dict(self) -> dict[str, Any]:
-        s = self.sequences
         return {
             "consumed": self.consumed,
-            "fingerprint": s.info.fingerprint,
-            "split": s.split,
-            "seq_len": s.seq_len,
-            "seed": s.seed,
-            "shuffle_window": s.shuffle_window,
+            **self.sequences.identity(),
+            "objective": self.objective.describe(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        s = self.sequences
         mine = self.state_dict()
-        for key in ("fingerprint", "seq_len", "seed", "shuffle_window"):
+        for key in ("fingerprint", "seq_len", "seed", "shuffle_window", "objective"):
             if state.get(key) != mine[key]:
                 raise DataError(
                     f"the checkpoint's data {key} is {state.get(key)!r} but this run's is "
-                    f"{mine[key]!r} ({s.info.path}); resume with the same data and settings, "
-                    f"or add 'data' to checkpoint.exclude_from_loading to start the data afresh"
+                    f"{mine[key]!r} ({', '.join(str(i.path) for i in self.sequences.infos)}); "
+                    f"resume with the same data and settings, or add 'data' to "
+                    f"checkpoint.exclude_from_loading to start the data afresh"
                 )
         self.consumed = int(state["consumed"])
-        self._it = None
+        self._groups = None  # what was made ahead belongs to the old position
+
+    def close(self) -> None:
+        """Stop the worker processes, if any."""
+        if self.workers is not None:
+            self.workers.close()
+        self._groups = None
+
+
+def _setting(data: Any, key: str, default: Any) -> Any:
+    if isinstance(data, Mapping):
+        return data.get(key, default)
+    return getattr(data, key, default)
+
+
+def make_batches(
+    data: Any,
+    split: str,
+    seq_len: int,
+    seed: int,
+    micro_batch: int,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    grad_accum: int = 1,
+    objective: str = "causal",
+    shuffle: bool = True,
+    vocab_size: int | None = None,
+    num_workers: int | None = None,
+    group_tokens: int = GROUP_TOKENS,
+) -> DistributedBatches:
+    """The loader of one split for this rank, from the run's `data` settings.
+
+    `data` is the DataConfig section or a mapping with its keys (path, blend, shuffle_window,
+    document_mask, mask_prob, noise_density, mean_span, num_workers, prefetch). `shuffle=False`
+    (validation) reads shards and sequences in order. With `vocab_size` (the model's embedding
+    rows) the ids are checked up front against token_counts.npz and each shard on reading.
+    `num_workers` overrides data.num_workers (0 suits a validation loader, which restarts at
+    every evaluation and would discard what workers made ahead). `group_tokens`: see
+    DistributedBatches.
+    """
+    pairs = open_datasets(_setting(data, "path", ""), _setting(data, "blend", ()) or ())
+    obj = make_objective(
+        objective,
+        pairs[0][1],
+        seq_len,
+        seed,
+        document_mask=_setting(data, "document_mask", False),
+        mask_prob=_setting(data, "mask_prob", 0.15),
+        noise_density=_setting(data, "noise_density", 0.15),
+        mean_span=_setting(data, "mean_span", 3.0),
+    )
+    window = _setting(data, "shuffle_window", 1) if shuffle else 1
+    sources = [
+        PackedSequences(
+            info,
+            split,
+            obj.raw_len,
+            seed,
+            window,
+            shuffle_shards=shuffle,
+            overlap=obj.overlap,
+            vocab_limit=vocab_size,
+        )
+        for _, info in pairs
+    ]
+    if len(sources) == 1:
+        sequences: Sequences = sources[0]
+    else:
+        sequences = BlendedSequences(sources, [w for w, _ in pairs])
+    workers = _setting(data, "num_workers", 0) if num_workers is None else num_workers
+    batches = DistributedBatches(
+        sequences,
+        micro_batch,
+        dp_rank,
+        dp_size,
+        grad_accum,
+        obj,
+        num_workers=workers,
+        prefetch=_setting(data, "prefetch", 2),
+        group_tokens=group_tokens,
+    )
+    if vocab_size is not None:
+        batches.check_vocab(vocab_size)
+    return batches
+
+
+def check_data(
+    data: Any,
+    seq_len: int,
+    seed: int,
+    objective: str = "causal",
+    vocab_size: int | None = None,
+    splits: tuple[str, ...] = ("train",),
+) -> list[tuple[float, DatasetInfo]]:
+    """Everything make_batches refuses (missing datasets or splits, too little data, special
+    ids the objective lacks, ids beyond `vocab_size`, bad blends), checked from the metadata
+    alone: no shard is read and no process started, so the trainer can call it before any
+    process group exists. Returns (weight, dataset) of data.path or each data.blend entry."""
+    for split in splits:
+        make_batches(
+            data,
+            split,
+            seq_len,
+            seed,
+            1,
+            objective=objective,
+            vocab_size=vocab_size,
+            num_workers=0,
+        )
+    return open_datasets(_setting(data, "path", ""), _setting(data, "blend", ()) or ())

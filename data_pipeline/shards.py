@@ -1,11 +1,12 @@
 """The on-disk dataset: webdataset tar shards, manifest.parquet, dataset.json, and checks.
 
-Layout (format_version 1)::
+Layout (format_version 2)::
 
     <dataset>/
-      dataset.json       format_version, fingerprint, dtype, tokenizer, sources, settings,
-                         splits (documents, tokens, shard list per split), skipped
-      manifest.parquet   one row per shard: split, shard, documents, tokens, sha256
+      dataset.json       format_version, fingerprint, dtype, tokenizer (file, sha256,
+                         vocab_size, eos_id, pad_id, mask_id, sentinel_ids), settings, splits
+                         (documents, tokens, shard list per split), skipped, sources
+      manifest.parquet   one row per shard: split, shard, documents, tokens, sha256, bytes
       tokenizer.json
       token_counts.npz   "train" and "val": int64[vocab_size] id counts (no end-of-document)
       train/train-000000.tar ...
@@ -33,7 +34,8 @@ import webdataset as wds
 from data_pipeline.digest import file_digest, file_sha256, json_sha256
 from data_pipeline.errors import DataError
 
-FORMAT_VERSION = 1
+# 2: the special-token ids in dataset.json's tokenizer entry, shard sizes in the manifest.
+FORMAT_VERSION = 2
 DATASET_JSON = "dataset.json"
 MANIFEST_FILE = "manifest.parquet"
 TOKENIZER_FILE = "tokenizer.json"
@@ -47,6 +49,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("documents", pa.int64()),
         ("tokens", pa.int64()),
         ("sha256", pa.string()),
+        ("bytes", pa.int64()),
     ]
 )
 # A fixed member mtime makes the tar bytes, and so the shard sha256 and the fingerprint,
@@ -63,6 +66,7 @@ DATASET_JSON_KEYS = (
     "skipped",
     "sources_sha256",
 )
+TOKENIZER_KEYS = ("file", "sha256", "vocab_size", "eos_id", "pad_id", "mask_id", "sentinel_ids")
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,7 @@ class ShardRecord:
     documents: int
     tokens: int
     sha256: str
+    bytes: int
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,9 @@ class VerifyReport:
     fingerprint: str
     shards: int
     shard_bytes: int
+    documents: int
+    tokens: int
+    vocab_size: int
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -153,12 +161,14 @@ class SplitWriter:
         self._writer.close()
         self._handle.close()
         name = shard_name(self.split, len(self.records))
+        size, sha256 = file_digest(self.root / name)
         record = ShardRecord(
             split=self.split,
             shard=name,
             documents=self._shard_documents,
             tokens=self._shard_tokens,
-            sha256=file_sha256(self.root / name),
+            sha256=sha256,
+            bytes=size,
         )
         self.records.append(record)
         self._writer = self._handle = None
@@ -182,7 +192,8 @@ def iter_shard(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
         raise
     except (OSError, tarfile.TarError, ValueError) as e:
         raise DataError(
-            f"cannot read shard {path}: {e}; run pretrain-data verify on the dataset"
+            f"cannot read shard {path} (truncated or corrupt: {e}); run pretrain-data verify "
+            f"on the dataset, then restore the shard or rebuild the dataset"
         ) from e
 
 
@@ -242,6 +253,10 @@ def _check_dataset_info(info: object, path: Path) -> None:
         raise DataError(f"{path} has dtype {info['dtype']!r}, expected one of {DTYPES}")
     if sorted(info["splits"]) != sorted(SPLITS):
         raise DataError(f"{path} has splits {sorted(info['splits'])}, expected {list(SPLITS)}")
+    tokenizer = info["tokenizer"]
+    missing = [k for k in TOKENIZER_KEYS if not isinstance(tokenizer, dict) or k not in tokenizer]
+    if missing:
+        raise DataError(f"{path} tokenizer entry lacks {missing}; rebuild the dataset")
 
 
 def load_token_counts(dataset_dir: str | Path) -> dict[str, np.ndarray]:
@@ -342,19 +357,63 @@ def _check_token_counts(root: Path, info: dict) -> None:
 
 
 def verify(dataset_dir: str | Path) -> VerifyReport:
-    """Check everything ``check_complete`` checks, then re-hash every shard.
+    """Check everything ``check_complete`` checks, then read every shard in full.
 
-    Raises DataError naming the first shard that is missing or whose sha256 differs.
+    Each shard must have the size and sha256 the manifest records, hold the documents and
+    tokens it lists, in the dataset's dtype, and only ids below the vocabulary size. Raises
+    DataError naming the first shard (and document) that does not.
     """
     root = Path(dataset_dir)
     info, records = check_complete(root)
-    total_bytes = 0
+    vocab_size = int(info["tokenizer"]["vocab_size"])
+    dtype = np.dtype(info["dtype"])
+    total_bytes = documents = tokens = 0
     for record in records:
-        size, actual = file_digest(root / record.shard)
+        path = root / record.shard
+        size, actual = file_digest(path)
+        if size != record.bytes:
+            raise DataError(
+                f"shard {record.shard} in {root} is truncated or corrupt: {size} bytes, the "
+                f"manifest says {record.bytes}; restore it or rebuild the dataset"
+            )
         if actual != record.sha256:
             raise DataError(
                 f"shard {record.shard} in {root} is corrupt: sha256 {actual[:12]} != "
                 f"{record.sha256[:12]} in the manifest; restore it or rebuild the dataset"
             )
+        shard_documents, shard_tokens = _check_shard_ids(path, record, dtype, vocab_size)
+        if (shard_documents, shard_tokens) != (record.documents, record.tokens):
+            raise DataError(
+                f"shard {record.shard} in {root} holds {shard_documents} documents and "
+                f"{shard_tokens} tokens, the manifest says {record.documents} and "
+                f"{record.tokens}; rebuild the dataset"
+            )
         total_bytes += size
-    return VerifyReport(info["fingerprint"], len(records), total_bytes)
+        documents += shard_documents
+        tokens += shard_tokens
+    return VerifyReport(
+        info["fingerprint"], len(records), total_bytes, documents, tokens, vocab_size
+    )
+
+
+def _check_shard_ids(
+    path: Path, record: ShardRecord, dtype: np.dtype, vocab_size: int
+) -> tuple[int, int]:
+    """(documents, tokens) of one shard, after checking each document's dtype and ids."""
+    documents = tokens = 0
+    for key, ids in iter_shard(path):
+        if ids.dtype != dtype or ids.ndim != 1:
+            raise DataError(
+                f"shard {record.shard}, document {key}: a {ids.ndim}-d {ids.dtype} array, "
+                f"the dataset's dtype is {dtype}; rebuild the dataset"
+            )
+        # Unsigned ids, so only the maximum can be out of range.
+        if ids.size and int(ids.max()) >= vocab_size:
+            raise DataError(
+                f"shard {record.shard}, document {key}: token id {int(ids.max())} is not below "
+                f"the vocabulary size {vocab_size}; the shard was written with another "
+                f"tokenizer: rebuild (or re-import) the dataset with the right tokenizer.json"
+            )
+        documents += 1
+        tokens += ids.size
+    return documents, tokens

@@ -8,6 +8,7 @@ reported by the builder, never dropped silently.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import sysconfig
@@ -50,6 +51,9 @@ STDLIB_EXCLUDED_DIRS = frozenset(
 # Reasons a document is skipped. "empty" stands alone; the others are kinds of "undecodable".
 UNDECODABLE_REASONS = ("bad_utf8", "bad_json", "missing_field", "not_text")
 PARQUET_BATCH_ROWS = 1024
+# The tokenizer sample reads at least this much of each file it visits: enough documents of
+# one file to be worth opening it, and few enough that a sample visits many files.
+SAMPLE_MIN_FILE_BYTES = 1 << 20
 
 
 @dataclass
@@ -59,6 +63,9 @@ class SourceStats:
     files: int = 0
     documents: int = 0
     text_bytes: int = 0
+    # Bytes of the input files read so far (Parquet: in proportion to the rows read), which
+    # a progress bar compares with the total file size for its ETA.
+    input_bytes: int = 0
     empty: int = 0
     undecodable: dict[str, int] = field(
         default_factory=lambda: dict.fromkeys(UNDECODABLE_REASONS, 0)
@@ -198,8 +205,10 @@ def _read_bytes(path: Path) -> bytes:
 
 def _read_text(path: Path, stats: SourceStats) -> Iterator[str]:
     """A whole file is one document."""
+    data = _read_bytes(path)
+    stats.input_bytes += len(data)
     try:
-        text = _read_bytes(path).decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         stats.skip("bad_utf8", str(path))
         return
@@ -217,6 +226,7 @@ def _read_jsonl(path: Path, text_field: str, stats: SourceStats) -> Iterator[str
         raise DataError(f"cannot read source file {path}: {e.strerror}; check the path") from e
     with handle:
         for number, raw in enumerate(handle, start=1):
+            stats.input_bytes += len(raw)
             where = f"{path}:{number}"
             text = _decode_json_line(raw, text_field, where, stats)
             if text is None:
@@ -269,8 +279,11 @@ def _read_parquet(path: Path, text_field: str, stats: SourceStats) -> Iterator[s
     except (OSError, pa.ArrowException) as e:
         raise DataError(f"cannot read parquet file {path}: {e}; check the file") from e
     _check_parquet_column(parquet.schema_arrow, path, text_field)
+    start, size = stats.input_bytes, path.stat().st_size
+    rows = max(parquet.metadata.num_rows, 1)
     row = 0
     for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
+        stats.input_bytes = start + size * (row + batch.num_rows) // rows
         for value in _parquet_texts(batch.column(0)):
             row += 1
             where = f"{path}:row {row}"
@@ -280,6 +293,7 @@ def _read_parquet(path: Path, text_field: str, stats: SourceStats) -> Iterator[s
                 stats.skip("empty", where)
             else:
                 yield value
+    stats.input_bytes = start + size
 
 
 def _parquet_texts(column: pa.Array) -> list[str | bytes | None]:
@@ -320,11 +334,54 @@ def _check_parquet_column(schema: pa.Schema, path: Path, text_field: str) -> Non
         )
 
 
-def sources_sha256(paths: Sequence[Path]) -> str:
+def sample_documents(
+    paths: Sequence[Path],
+    sizes: Sequence[int],
+    budget_bytes: int,
+    text_field: str = "text",
+    stats: SourceStats | None = None,
+) -> Iterator[str]:
+    """A deterministic sample of about ``budget_bytes`` of text, to train a tokenizer on.
+
+    A corpus that fits the budget is read whole, in order. A larger one is read file by
+    file in an order shuffled by a hash of each file's position, taking whole documents from
+    the start of each file up to an equal share of the budget (at least
+    SAMPLE_MIN_FILE_BYTES), until the budget is spent. So the sample reads about
+    ``budget_bytes`` whatever the corpus size, and spreads over many files when there are
+    many; a corpus of one huge file gives its first ``budget_bytes``.
+    """
+    stats = SourceStats() if stats is None else stats
+    if sum(sizes) <= budget_bytes:
+        yield from iter_documents(paths, text_field, stats)
+        return
+    order = sorted(
+        range(len(paths)), key=lambda i: hashlib.sha256(f"tokenizer-sample:{i}".encode()).digest()
+    )
+    per_file = max(budget_bytes // len(paths), SAMPLE_MIN_FILE_BYTES)
+    for index in order:
+        start = stats.text_bytes
+        documents = iter_documents([paths[index]], text_field, stats)
+        for text in documents:
+            yield text
+            if stats.text_bytes - start >= per_file or stats.text_bytes >= budget_bytes:
+                break
+        documents.close()
+        if stats.text_bytes >= budget_bytes:
+            return
+
+
+def source_digests(paths: Sequence[Path]) -> list[tuple[int, str]]:
+    """(size in bytes, hex sha256) of every source, in order."""
+    return [file_digest(p) for p in paths]
+
+
+def sources_sha256(paths: Sequence[Path], digests: Sequence[tuple[int, str]] | None = None) -> str:
     """One digest over the content (size and sha256) of every source, in order.
 
     Paths are deliberately left out: the same corpus copied elsewhere (the stdlib lives
     at a different path on every machine) gives the same digest. The order is part of it
-    because documents keep corpus order in the shards.
+    because documents keep corpus order in the shards. Pass ``digests`` (from
+    ``source_digests``) to avoid hashing the files twice.
     """
-    return json_sha256([list(file_digest(p)) for p in paths])
+    digests = source_digests(paths) if digests is None else digests
+    return json_sha256([list(d) for d in digests])

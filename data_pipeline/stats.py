@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from data_pipeline.loader import DatasetInfo
+from data_pipeline.dataset import DatasetInfo
 
 
 def unigram_loss(info: DatasetInfo) -> float:

@@ -1,16 +1,29 @@
-"""The streaming loader: packing, data-parallel slicing, epochs, exact resume, bad data."""
+"""The streaming loader: packing, data-parallel slicing, epochs, worker processes, exact
+resume for every objective and for blends, bad data."""
 
 from __future__ import annotations
 
+import math
+import os
 import shutil
+import signal
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+from synthetic_data import FIRST_ID, random_docs, serial_docs, write_dataset
 
 from data_pipeline.errors import DataError
-from data_pipeline.loader import DatasetInfo, DistributedBatches, PackedSequences, read_shard_stream
+from data_pipeline.loader import (
+    DatasetInfo,
+    DistributedBatches,
+    PackedSequences,
+    check_data,
+    make_batches,
+    read_shard_stream,
+)
+from data_pipeline.objectives import span_lengths
 from data_pipeline.stats import unigram_loss
 
 L = 16
@@ -195,3 +208,349 @@ def test_unigram_loss_matches_direct_count(small_dataset):
     got = unigram_loss(info)
     assert got == pytest.approx(want, rel=1e-9)
     assert 0 < got < np.log(info.vocab_size)
+
+
+# --- worker processes, objectives, blending ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def serial_dataset(tmp_path_factory) -> Path:
+    """~1,900 stream tokens in ~12 shards; every ordinary token occurs once in the split."""
+    root = tmp_path_factory.mktemp("serial") / "ds"
+    docs = {"train": serial_docs(1700, seed=0), "val": serial_docs(300, seed=1, first=2000)}
+    return write_dataset(root, docs, vocab_size=4096, shard_tokens=150)
+
+
+@pytest.fixture(scope="module")
+def random_datasets(tmp_path_factory) -> tuple[Path, Path]:
+    """Two datasets of random ordinary ids, sharing a tokenizer."""
+    base = tmp_path_factory.mktemp("random")
+    a = write_dataset(
+        base / "a", {"train": random_docs(6000, 0, FIRST_ID, 4096)}, 4096, shard_tokens=700
+    )
+    b = write_dataset(
+        base / "b", {"train": random_docs(4000, 1, FIRST_ID, 4096)}, 4096, shard_tokens=500
+    )
+    return a, b
+
+
+def epoch_rows(seqs: PackedSequences, epoch: int, seq_len: int) -> list[bytes]:
+    """The sequences of an epoch cut from its shard order's packed stream, read directly."""
+    stream = full_stream(seqs.info, seqs.split, seqs.shard_order(epoch)).astype(np.int64)
+    n = (len(stream) - 1) // seq_len
+    return [stream[i * seq_len : i * seq_len + seq_len + 1].tobytes() for i in range(n)]
+
+
+def test_workers_cover_every_sequence_once_per_epoch(serial_dataset):
+    """4 data-parallel ranks with 2 worker processes each, over 2.5 epochs."""
+    L, dp, micro, accum, seed = 8, 4, 2, 2, 3
+    data = {"path": str(serial_dataset), "shuffle_window": 24, "num_workers": 2}
+    # group_tokens=1: one micro-batch per worker task, so the workers alternate micro-batches.
+    loaders = [
+        make_batches(data, "train", L, seed, micro, rank, dp, accum, group_tokens=1)
+        for rank in range(dp)
+    ]
+    assert all(len(x.workers._processes) == 0 for x in loaders)  # started on first use
+    n = loaders[0].sequences.per_epoch
+    steps = math.ceil(2.5 * n / loaders[0].global_batch)
+    served = []
+    try:
+        for _ in range(steps):
+            for loader in loaders:
+                served += as_keys(loader.next_step())
+        assert all(len(x.workers._processes) == 2 for x in loaders)
+    finally:
+        for loader in loaders:
+            loader.close()
+    assert len(served) == steps * loaders[0].global_batch >= 2.5 * n
+    seqs = loaders[0].sequences
+    for epoch in range(3):
+        got = served[epoch * n : (epoch + 1) * n]
+        expected = Counter(epoch_rows(seqs, epoch, L))
+        assert len(set(got)) == len(got)  # nothing served twice within an epoch
+        if len(got) == n:
+            assert Counter(got) == expected  # ... and nothing skipped
+        else:
+            assert len(got) > n // 2 and not Counter(got) - expected  # the partial third epoch
+    # The workers deliver the order the training process computes by itself, in groups of
+    # many micro-batches per objective call (the default).
+    alone = [
+        make_batches({**data, "num_workers": 0}, "train", L, seed, micro, r, dp, accum)
+        for r in range(dp)
+    ]
+    assert alone[0].group > 100
+    same = [row for _ in range(steps) for x in alone for row in as_keys(x.next_step())]
+    assert same == served
+
+
+def objective_data(objective: str, datasets: tuple[Path, Path], blend: bool) -> dict:
+    data = {"path": str(datasets[0]), "shuffle_window": 16}
+    if blend:
+        data["blend"] = [f"0.6 {datasets[0]}", f"0.4 {datasets[1]}"]
+    data["document_mask"] = objective == "causal-doc"
+    return data
+
+
+def joint_stream(data, objective, dp, steps, micro, state=None) -> dict:
+    """The batch dicts the dp ranks consume over `steps`, concatenated in global order."""
+    name = objective.removesuffix("-doc")
+    loaders = [make_batches(data, "train", 16, 5, micro, r, dp, objective=name) for r in range(dp)]
+    parts: list[dict] = []
+    for loader in loaders:
+        if state is not None:
+            loader.load_state_dict(state)
+    for _ in range(steps):
+        for loader in loaders:
+            parts += loader.next_step()
+    for loader in loaders:
+        loader.close()
+    return {k: np.concatenate([p[k].numpy() for p in parts]) for k in parts[0]}
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+OBJECTIVE_NAMES = ["causal", "causal-doc", "mlm", "span"]
+
+
+@pytest.mark.parametrize("objective", OBJECTIVE_NAMES)
+@pytest.mark.parametrize("blend", [False, True], ids=["single", "blend"])
+@pytest.mark.parametrize("dp_before,dp_after", [(2, 2), (4, 2), (2, 4)])
+def test_resume_is_exact_for_every_objective(
+    random_datasets, objective, blend, dp_before, dp_after
+):
+    data = objective_data(objective, random_datasets, blend)
+    micro = {2: 4, 4: 2}  # a global batch of 8 at both sizes
+    straight = joint_stream(data, objective, dp_before, 30, micro[dp_before])
+    name = objective.removesuffix("-doc")
+    stopped = make_batches(data, "train", 16, 5, micro[dp_before], 1, dp_before, objective=name)
+    for _ in range(19):
+        stopped.next_step()
+    state = stopped.state_dict()
+    assert state["consumed"] == 19 * 8
+    resumed = joint_stream(data, objective, dp_after, 11, micro[dp_after], state)
+    tail = {k: v[19 * 8 :] for k, v in straight.items()}
+    assert same(resumed, tail)
+    # Negative control: without the state the new loaders replay the start.
+    fresh = joint_stream(data, objective, dp_after, 11, micro[dp_after])
+    assert not same(fresh, tail)
+
+
+def test_batch_keys_and_shapes(random_datasets):
+    shapes = {}
+    for objective in OBJECTIVE_NAMES:
+        data = objective_data(objective, random_datasets, blend=False)
+        batch = joint_stream(data, objective, 1, 1, 3)
+        shapes[objective] = {k: (tuple(v.shape), v.dtype.name) for k, v in batch.items()}
+    i64 = "int64"
+    assert shapes["causal"] == {"tokens": ((3, 16), i64), "targets": ((3, 16), i64)}
+    assert shapes["causal-doc"] == {**shapes["causal"], "doc_ids": ((3, 16), i64)}
+    assert shapes["mlm"] == {
+        "tokens": ((3, 16), i64),
+        "targets": ((3, 16), i64),
+        "loss_mask": ((3, 16), "float32"),
+        "padding_mask": ((3, 16), "bool"),
+    }
+    _, dec = span_lengths(16, 0.15, 3.0)
+    assert shapes["span"] == {
+        "enc_tokens": ((3, 16), i64),
+        "dec_tokens": ((3, dec), i64),
+        "targets": ((3, dec), i64),
+        "loss_mask": ((3, dec), "float32"),
+        "enc_padding_mask": ((3, 16), "bool"),
+        "dec_padding_mask": ((3, dec), "bool"),
+    }
+
+
+def test_workers_resume_and_rewind(random_datasets):
+    """The position is `consumed` at step boundaries whatever the workers prefetched: a state
+    taken from a loader with workers resumes a loader without, and rewinding a loader with
+    workers drops its prefetched batches."""
+    data = objective_data("mlm", random_datasets, blend=True)
+
+    def loader(workers):
+        # Groups of 3 micro-batches: a group ends mid-step, and workers hold several steps.
+        return make_batches(
+            data, "train", 16, 5, 2, 0, 2, 2, "mlm", num_workers=workers, group_tokens=3 * 32
+        )
+
+    ref = loader(0)
+    straight = [ref.next_step() for _ in range(8)]
+    with_workers = loader(2)
+    try:
+        first = [with_workers.next_step() for _ in range(5)]
+        state_at_2 = {**with_workers.state_dict(), "consumed": 2 * with_workers.global_batch}
+        state_at_5 = with_workers.state_dict()
+        with_workers.load_state_dict(state_at_2)  # rewind while batches are in flight
+        rewound = [with_workers.next_step() for _ in range(3)]
+    finally:
+        with_workers.close()
+    plain = loader(0)
+    plain.load_state_dict(state_at_5)
+    after = [plain.next_step() for _ in range(3)]
+
+    def eq(xs, ys):
+        return all(
+            same(_np(a), _np(b))
+            for x, y in zip(xs, ys, strict=True)
+            for a, b in zip(x, y, strict=True)
+        )
+
+    assert eq(first, straight[:5]) and eq(rewound, straight[2:5]) and eq(after, straight[5:8])
+    assert not eq(after, straight[2:5])  # negative control: the positions differ
+
+
+def _np(batch: dict) -> dict:
+    return {k: v.numpy() for k, v in batch.items()}
+
+
+# --- bad data ------------------------------------------------------------------------------
+
+
+def test_ids_beyond_the_model_vocabulary_are_refused(serial_dataset):
+    info = DatasetInfo(serial_dataset)
+    top = info.max_token_id()
+    assert top == 2000 + 299  # the largest serial token of either split (val starts at 2000)
+    data = {"path": str(serial_dataset)}
+    make_batches(data, "train", 8, 0, 2, vocab_size=top + 1)  # fits exactly
+    with pytest.raises(DataError, match=rf"id {top}.*model.vocab_size to at least {top + 1}"):
+        make_batches(data, "train", 8, 0, 2, vocab_size=top)
+    # MLM also writes random tokens from the whole tokenizer vocabulary.
+    with pytest.raises(DataError, match="the objective emits id 4095"):
+        make_batches(data, "train", 8, 0, 2, objective="mlm", vocab_size=top + 1)
+
+
+def test_ids_beyond_the_limit_are_caught_per_shard(serial_dataset, tmp_path):
+    """token_counts.npz can be wrong (a copied or edited dataset); the shards are checked as
+    they are read."""
+    info = DatasetInfo(serial_dataset)
+    shards = info.split("train")
+    limit = FIRST_ID + shards[0].tokens  # the second shard's tokens are all >= this
+    seqs = PackedSequences(info, "train", 8, 0, 1, shuffle_shards=False, vocab_limit=limit)
+    seqs.rows(0, 2)  # the first shard is fine
+    with pytest.raises(DataError, match=rf"{shards[1].path.name} holds token id"):
+        seqs.rows(0, seqs.per_epoch)
+    ok = PackedSequences(info, "train", 8, 0, 1, shuffle_shards=False, vocab_limit=4096)
+    ok.rows(0, ok.per_epoch)
+
+
+def test_empty_split_is_refused(tmp_path):
+    path = write_dataset(tmp_path / "ds", {"train": serial_docs(500, 0)}, 4096)
+    make_batches({"path": str(path)}, "train", 8, 0, 2)
+    with pytest.raises(DataError, match="no 'val' split.*--val-fraction"):
+        make_batches({"path": str(path)}, "val", 8, 0, 2)
+
+
+@pytest.mark.parametrize(
+    "objective,missing,kw",
+    [("mlm", "mask_id", {"mask_id": None}), ("span", "sentinel_ids", {"sentinel_ids": ()})],
+)
+def test_objective_without_its_special_ids(tmp_path, objective, missing, kw):
+    path = write_dataset(tmp_path / "ds", {"train": serial_docs(500, 0)}, 4096, **kw)
+    with pytest.raises(DataError, match=rf"{missing}.*rebuild it with the current `pretrain-data"):
+        make_batches({"path": str(path)}, "train", 16, 0, 2, objective=objective)
+    make_batches({"path": str(path)}, "train", 16, 0, 2)  # causal needs neither
+
+
+def test_too_few_sentinels(tmp_path):
+    path = write_dataset(
+        tmp_path / "ds", {"train": serial_docs(3000, 0)}, 4096, sentinel_ids=(3, 4)
+    )
+    make_batches({"path": str(path)}, "train", 30, 0, 2, objective="span")  # 2 spans
+    with pytest.raises(DataError, match="only 2 sentinel ids"):
+        make_batches({"path": str(path)}, "train", 64, 0, 2, objective="span")
+
+
+def test_corrupt_shard_is_reported_from_a_worker(serial_dataset, tmp_path):
+    copy = tmp_path / "ds"
+    shutil.copytree(serial_dataset, copy)
+    shard = DatasetInfo(copy).split("train")[2]
+    data = shard.path.read_bytes()
+    shard.path.write_bytes(data[: len(data) // 2])
+    loader = make_batches({"path": str(copy), "num_workers": 2}, "train", 8, 0, 4)
+    try:
+        with pytest.raises(DataError, match=shard.path.name):
+            for _ in range(100):
+                loader.next_step()
+    finally:
+        loader.close()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_position_survives_an_error(serial_dataset, tmp_path, workers):
+    """After a read error the loader is still at the step that failed: once the shard is
+    restored it serves what a loader that never failed serves from there."""
+    copy = tmp_path / "ds"
+    shutil.copytree(serial_dataset, copy)
+    shard = DatasetInfo(copy).split("train")[3]
+    good = shard.path.read_bytes()
+    shard.path.write_bytes(good[: len(good) // 2])
+    data = {"path": str(copy), "num_workers": workers, "shuffle_window": 8}
+    loader = make_batches(data, "train", 8, 0, 4, group_tokens=8 * 9 * 4)
+    try:
+        with pytest.raises(DataError, match=shard.path.name):
+            for _ in range(100):
+                loader.next_step()
+        failed_at = loader.consumed
+        shard.path.write_bytes(good)
+        after = [_np(b) for _ in range(5) for b in loader.next_step()]
+    finally:
+        loader.close()
+    reference = make_batches({**data, "num_workers": 0}, "train", 8, 0, 4)
+    reference.load_state_dict({**reference.state_dict(), "consumed": failed_at})
+    expected = [_np(b) for _ in range(5) for b in reference.next_step()]
+    assert all(same(a, b) for a, b in zip(after, expected, strict=True))
+    assert failed_at > 0  # the error came mid-stream, not at the start
+
+
+def test_a_dead_worker_is_reported(serial_dataset):
+    data = {"path": str(serial_dataset), "num_workers": 2}
+    loader = make_batches(data, "train", 8, 0, 2, group_tokens=1)
+    try:
+        loader.next_step()
+        victim = loader.workers._processes[1]
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.join(5)
+        with pytest.raises(RuntimeError, match="worker 1 .* exited with code -9"):
+            for _ in range(20):
+                loader.next_step()
+    finally:
+        loader.close()
+
+
+def test_state_from_another_objective_is_rejected(random_datasets):
+    data = {"path": str(random_datasets[0])}
+    causal = make_batches(data, "train", 16, 0, 2)
+    mlm = make_batches(data, "train", 16, 0, 2, objective="mlm")
+    with pytest.raises(DataError, match="objective"):
+        mlm.load_state_dict(causal.state_dict())
+    doc = make_batches({**data, "document_mask": True}, "train", 16, 0, 2)
+    with pytest.raises(DataError, match="objective"):
+        doc.load_state_dict(causal.state_dict())
+    doc.load_state_dict(doc.state_dict())
+
+
+def test_unknown_objective(random_datasets):
+    with pytest.raises(DataError, match="unknown objective 'prefix'"):
+        make_batches({"path": str(random_datasets[0])}, "train", 16, 0, 2, objective="prefix")
+
+
+def test_check_data_refuses_up_front_without_reading_shards(tmp_path, random_datasets):
+    """check_data is what the trainer runs before process groups exist: metadata only."""
+    no_mask = write_dataset(tmp_path / "m", {"train": serial_docs(500, 0)}, 4096, mask_id=None)
+    empty_shards = tmp_path / "copy"
+    shutil.copytree(no_mask, empty_shards)
+    for shard in DatasetInfo(empty_shards).split("train"):
+        shard.path.write_bytes(b"")  # reading any shard would fail
+    data = {"path": str(empty_shards)}
+    pairs = check_data(data, 16, 0, vocab_size=4096)
+    assert [(w, i.path) for w, i in pairs] == [(1.0, empty_shards)]
+    with pytest.raises(DataError, match="mask_id"):
+        check_data(data, 16, 0, objective="mlm")
+    with pytest.raises(DataError, match="model.vocab_size"):
+        check_data(data, 16, 0, vocab_size=500)
+    with pytest.raises(DataError, match="no 'val' split"):
+        check_data(data, 16, 0, splits=("train", "val"))
+    blend = {"blend": [f"1 {random_datasets[0]}", f"3 {random_datasets[1]}"]}
+    assert [w for w, _ in check_data(blend, 16, 0, "span", 4096)] == [1.0, 3.0]

@@ -1,0 +1,195 @@
+"""A built dataset directory as the loader sees it: metadata, special ids, shard streams.
+
+The directory format is described in ``data_pipeline.shards``; this module reads it fast and
+checks what the loader relies on, raising DataError with the fix.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_pipeline.errors import DataError
+
+REBUILD = "rebuild it with the current `pretrain-data build`"
+NPY_MAGIC = b"\x93NUMPY"
+
+
+@dataclass(frozen=True)
+class Shard:
+    path: Path
+    documents: int
+    tokens: int
+
+    @property
+    def stream_length(self) -> int:
+        """Tokens this shard contributes to the stream: its documents plus one EOS each."""
+        return self.tokens + self.documents
+
+
+class DatasetInfo:
+    """The metadata of a dataset directory written by `pretrain-data build`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        meta_file = self.path / "dataset.json"
+        if not meta_file.is_file():
+            raise DataError(
+                f"no dataset at {self.path} (missing dataset.json); build one with "
+                f"`pretrain-data build --out {self.path} ...` or fix data.path"
+            )
+        try:
+            self.meta = json.loads(meta_file.read_text(encoding="utf-8"))
+            self.fingerprint: str = self.meta["fingerprint"]
+            self.dtype = np.dtype(self.meta["dtype"])
+            tok = self.meta["tokenizer"]
+            self.vocab_size: int = int(tok["vocab_size"])
+            self.eos_id: int = int(tok["eos_id"])
+            self.tokenizer_sha256: str = tok["sha256"]
+            self.tokenizer_file = self.path / tok["file"]
+            # Padding falls back to the end-of-document id for tokenizers without a pad
+            # token: padded positions are masked anyway. Mask and sentinels are optional
+            # (datasets built before they existed); the objectives that need them say so.
+            pad_id, mask_id = tok.get("pad_id"), tok.get("mask_id")
+            self.pad_id: int = self.eos_id if pad_id is None else int(pad_id)
+            self.mask_id: int | None = None if mask_id is None else int(mask_id)
+            self.sentinel_ids = tuple(int(i) for i in tok.get("sentinel_ids") or ())
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"cannot read {meta_file} ({e!r}); {REBUILD}") from None
+        self.tokenizer: dict = tok
+        self.shards = self._read_manifest()
+
+    def _read_manifest(self) -> dict[str, list[Shard]]:
+        path = self.path / "manifest.parquet"
+        try:
+            rows = pq.read_table(path).to_pylist()
+            shards: dict[str, list[Shard]] = {}
+            for row in rows:
+                shard = Shard(self.path / row["shard"], int(row["documents"]), int(row["tokens"]))
+                shards.setdefault(row["split"], []).append(shard)
+        except (OSError, KeyError, TypeError, pa.ArrowException) as e:
+            raise DataError(
+                f"cannot read {path} ({e}); the dataset is incomplete, {REBUILD}"
+            ) from None
+        return shards
+
+    @property
+    def special_ids(self) -> tuple[int, ...]:
+        """Ids that never occur inside a document: end of document, padding, mask, sentinels."""
+        ids = {self.eos_id, self.pad_id, *self.sentinel_ids}
+        if self.mask_id is not None:
+            ids.add(self.mask_id)
+        return tuple(sorted(ids))
+
+    def require(self, name: str, objective: str):
+        """The tokenizer id(s) `name` ("mask_id", "sentinel_ids"), or DataError naming the fix."""
+        value = getattr(self, name)
+        if value is None or value == ():
+            raise DataError(
+                f"the {objective} objective needs the tokenizer's {name}, which "
+                f"{self.path / 'dataset.json'} does not have (it was built before special "
+                f"tokens for it existed); {REBUILD}"
+            )
+        return value
+
+    def split(self, name: str) -> list[Shard]:
+        shards = self.shards.get(name, [])
+        if not shards or sum(s.stream_length for s in shards) == 0:
+            raise DataError(
+                f"dataset {self.path} has no '{name}' split (or an empty one); rebuild it "
+                f"with a non-zero share for that split"
+                + (" (--val-fraction, e.g. 0.02)" if name == "val" else "")
+            )
+        return shards
+
+    def max_token_id(self) -> int:
+        """The largest id the loader can serve from this dataset, from token_counts.npz (no
+        shard is read): the largest id counted in either split, or the end-of-document id."""
+        path = self.path / "token_counts.npz"
+        try:
+            with np.load(path) as counts:
+                top = [int(np.flatnonzero(counts[s]).max(initial=-1)) for s in counts.files]
+        except (OSError, ValueError, KeyError) as e:
+            raise DataError(f"cannot read {path} ({e}); {REBUILD}") from None
+        return max([self.eos_id, *top])
+
+
+def check_vocab(info: DatasetInfo, vocab_size: int, emitted: tuple[int, ...] = ()) -> None:
+    """DataError unless every id the data holds, and every id in `emitted` (the special ids
+    an objective writes into batches), is below the model's embedding size `vocab_size`."""
+    data_top = info.max_token_id()
+    top = max([data_top, *emitted])
+    if top >= vocab_size:
+        what = "its token counts hold" if top == data_top else "the objective emits"
+        raise DataError(
+            f"dataset {info.path}: {what} id {top}, but the model has only {vocab_size} "
+            f"embedding rows; set model.vocab_size to at least {top + 1} (or null to take the "
+            f"tokenizer's size), or use data built with a tokenizer of that model"
+        )
+
+
+def read_shard_stream(shard: Shard, eos_id: int, dtype: np.dtype | None = None) -> np.ndarray:
+    """All documents of one shard, each followed by EOS, as one array in the shard's token
+    dtype (uint16 for vocabularies up to 65536: a quarter of int64's memory in the window).
+
+    The tar members are located with tarfile and their npy payloads viewed in place, which
+    reads a shard several times faster than decoding it sample by sample.
+    """
+    try:
+        data = shard.path.read_bytes()
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            members = tar.getmembers()
+        docs = [_npy_payload(data, m) for m in members if m.isfile()]
+    except (OSError, ValueError, tarfile.TarError) as e:
+        raise DataError(
+            f"cannot read shard {shard.path} ({e}); run `pretrain-data verify` on "
+            f"the dataset and rebuild it"
+        ) from None
+    tokens = sum(len(d) for d in docs)
+    if len(docs) != shard.documents or tokens != shard.tokens:
+        raise DataError(
+            f"shard {shard.path} holds {tokens} tokens in {len(docs)} documents, the "
+            f"manifest says {shard.tokens} in {shard.documents}: it is truncated or corrupt; "
+            f"rebuild the dataset"
+        )
+    dtype = np.dtype(dtype) if dtype is not None else (docs[0].dtype if docs else np.uint32)
+    stream = np.empty(tokens + len(docs), dtype=dtype)
+    pos = 0
+    for doc in docs:
+        if doc.dtype != dtype:
+            raise DataError(
+                f"shard {shard.path} holds {doc.dtype} ids where the dataset has {dtype}; "
+                f"rebuild the dataset"
+            )
+        stream[pos : pos + len(doc)] = doc
+        stream[pos + len(doc)] = eos_id
+        pos += len(doc) + 1
+    return stream
+
+
+def _npy_payload(data: bytes, member: tarfile.TarInfo) -> np.ndarray:
+    """The 1-D array of one `.npy` tar member, viewed in `data` without a copy."""
+    start, end = member.offset_data, member.offset_data + member.size
+    if not member.name.endswith(".npy") or end > len(data) or data[start : start + 6] != NPY_MAGIC:
+        raise ValueError(f"member {member.name!r} is not a complete .npy file")
+    fp = io.BytesIO(data[start : start + 4096 if member.size > 4096 else end])
+    version = np.lib.format.read_magic(fp)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
+    else:
+        raise ValueError(f"member {member.name!r} has .npy version {version}")
+    if len(shape) != 1 or dtype.hasobject:
+        raise ValueError(f"member {member.name!r} holds a {shape} {dtype} array, not token ids")
+    offset = start + fp.tell()
+    if offset + shape[0] * dtype.itemsize != end:
+        raise ValueError(f"member {member.name!r} is truncated")
+    return np.frombuffer(data, dtype=dtype, count=shape[0], offset=offset)

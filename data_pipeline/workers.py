@@ -1,0 +1,147 @@
+"""Loader worker processes: a function mapped over a stream of tasks, results in task order.
+
+Task k of a stream goes to worker k % n (round robin), so the workers share the work without
+overlap; each worker answers its tasks in the order it got them on a queue of its own, so the
+results come back in task order without any reordering buffer. Up to `prefetch` tasks per
+worker are in flight ahead of the one being waited for.
+
+The function must be picklable when the start method is not fork. Workers ignore SIGINT (the
+parent handles Ctrl-C and closes them) and exit by themselves when their parent dies.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import signal
+import traceback
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from data_pipeline.errors import DataError
+
+POLL_S = 1.0  # how often a waiting side checks that the other is still alive
+
+
+def _worker_main(fn: Callable[[Any], Any], tasks: Any, results: Any, parent: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while True:
+        try:
+            task = tasks.get(timeout=POLL_S)
+        except queue.Empty:
+            if os.getppid() != parent:
+                return  # orphaned: the trainer died without closing us
+            continue
+        if task is None:
+            return
+        try:
+            results.put(("ok", fn(task)))
+        except Exception as e:  # sent back whole: the parent raises it at the right batch
+            kind = "data" if isinstance(e, DataError) else "other"
+            results.put((kind, str(e) if kind == "data" else traceback.format_exc()))
+
+
+def _shutdown(processes: list[Any], task_queues: list[Any], result_queues: list[Any]) -> None:
+    for q in task_queues:
+        try:
+            q.put(None)
+        except (OSError, ValueError):
+            pass
+    for p in processes:
+        p.join(timeout=5)
+        if p.is_alive():
+            p.terminate()
+            p.join(timeout=5)
+    for q in (*task_queues, *result_queues):
+        q.cancel_join_thread()  # never block interpreter exit on an unread result
+        q.close()
+
+
+class OrderedWorkers:
+    """`fn` mapped over a task iterator by `num_workers` processes, results in order."""
+
+    def __init__(
+        self,
+        fn: Callable[[Any], Any],
+        num_workers: int,
+        prefetch: int = 2,
+        start_method: str | None = None,
+    ):
+        if num_workers < 1 or prefetch < 1:
+            raise ValueError("num_workers and prefetch must be >= 1")
+        self.fn, self.num_workers, self.prefetch = fn, num_workers, prefetch
+        # fork starts a worker in milliseconds and shares the parent's imports; spawn is the
+        # fallback where fork does not exist.
+        methods = mp.get_all_start_methods()
+        self.start_method = start_method or ("fork" if "fork" in methods else "spawn")
+        self._processes: list[Any] = []
+        self._tasks_q: list[Any] = []
+        self._results_q: list[Any] = []
+        self._tasks: Iterator[Any] = iter(())
+        self._in_flight: deque[int] = deque()  # worker of each submitted, unanswered task
+        self._next_worker = 0
+        self._finalizer: weakref.finalize | None = None
+
+    def _start_processes(self) -> None:
+        ctx = mp.get_context(self.start_method)
+        for i in range(self.num_workers):
+            tasks, results = ctx.Queue(), ctx.Queue()
+            p = ctx.Process(
+                target=_worker_main,
+                args=(self.fn, tasks, results, os.getpid()),
+                name=f"loader-worker-{i}",
+                daemon=True,
+            )
+            p.start()
+            self._processes.append(p)
+            self._tasks_q.append(tasks)
+            self._results_q.append(results)
+        self._finalizer = weakref.finalize(
+            self, _shutdown, self._processes, self._tasks_q, self._results_q
+        )
+
+    def start(self, tasks: Iterator[Any]) -> None:
+        """Begin a new task stream; results of tasks still in flight are discarded."""
+        if not self._processes:
+            self._start_processes()
+        while self._in_flight:
+            self._receive(self._in_flight.popleft())
+        self._tasks = tasks
+
+    def next(self) -> Any:
+        """The result of the next task of the stream (DataError from a worker is re-raised)."""
+        while len(self._in_flight) < self.num_workers * self.prefetch:
+            w = self._next_worker
+            self._tasks_q[w].put(next(self._tasks))
+            self._in_flight.append(w)
+            self._next_worker = (w + 1) % self.num_workers
+        kind, value = self._receive(self._in_flight.popleft())
+        if kind == "data":
+            raise DataError(value)
+        if kind != "ok":
+            raise RuntimeError(f"a data loader worker failed:\n{value}")
+        return value
+
+    def _receive(self, w: int) -> tuple[str, Any]:
+        while True:
+            try:
+                return self._results_q[w].get(timeout=POLL_S)
+            except queue.Empty:
+                p = self._processes[w]
+                if not p.is_alive():
+                    raise RuntimeError(
+                        f"data loader worker {w} (pid {p.pid}) exited with code {p.exitcode}; "
+                        f"if it was killed for memory, lower data.num_workers, data.prefetch "
+                        f"or data.shuffle_window"
+                    ) from None
+
+    def close(self) -> None:
+        """Stop the workers (also done when this object is garbage-collected)."""
+        if self._finalizer is not None:
+            self._finalizer()
+        self._processes, self._tasks_q, self._results_q = [], [], []
+        self._in_flight.clear()
+        self._finalizer = None
