@@ -1,4 +1,6 @@
-"""Autoregressive sampling from a GPT: greedy, temperature and top-k."""
+"""Sampling from the models: GPT continues a prompt (greedy, temperature, top-k); T5 decodes
+greedily from an encoder input. Both recompute the full forward pass per new token (no KV
+cache): simple and exact, fast enough for samples and tests."""
 
 from __future__ import annotations
 
@@ -43,3 +45,32 @@ def generate(
         ids.append(next_id)
     model.train(was_training)
     return ids[len(prompt) :]
+
+
+@torch.no_grad()
+def generate_seq2seq(
+    model: nn.Module,
+    encoder_input: list[int],
+    max_new_tokens: int,
+    *,
+    start_id: int,
+    vocab_limit: int,
+    eos_id: int | None = None,
+    device: torch.device | str = "cpu",
+) -> list[int]:
+    """Greedy decoding for an encoder-decoder model (T5): encode once, then extend the decoder
+    input (which starts with `start_id`, T5's pad id) by its most likely next token until
+    `max_new_tokens` or `eos_id` (included in the output)."""
+    was_training = model.training
+    model.eval()
+    enc = torch.tensor([encoder_input], dtype=torch.long, device=device)
+    memory = model.encode(enc)
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        dec = torch.tensor([[start_id, *out]], dtype=torch.long, device=device)
+        next_id = int(model.decode(dec, memory)[0, -1, :vocab_limit].argmax())
+        out.append(next_id)
+        if next_id == eos_id:
+            break
+    model.train(was_training)
+    return out

@@ -1,9 +1,11 @@
-"""Decoder-only GPT: token (+ learned position) embedding, pre-LN blocks, final LayerNorm, and an
-output projection tied to the token embedding by default.
+"""Decoder-only GPT: token (+ absolute position) embedding, causal blocks, a final norm (pre-LN),
+and an output projection tied to the token embedding by default.
 
-A pure nn.Module: it knows its tensor-parallel group (through the megatron layers) and nothing
-of engines, optimizers or trainers. Inputs are token ids [b, s]; with targets the forward returns
-the mean cross-entropy, computed vocab-parallel so full logits are never gathered in training.
+The options cover GPT-2/3 (learned positions, LayerNorm, GELU, biases) and Llama (rotary,
+RMSNorm, SwiGLU, grouped-query attention, no biases). A pure nn.Module: it knows its
+tensor-parallel group (through the megatron layers) and nothing of engines, optimizers or
+trainers. With targets the forward returns the mean cross-entropy, computed vocab-parallel so
+full logits are never gathered in training.
 """
 
 from __future__ import annotations
@@ -12,88 +14,128 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from megatron.core import tensor_parallel as tp
 from torch import nn
 
 from pretrain.config import ModelConfig
-from pretrain.models.layers import Block, RotaryEmbedding, normal_init, parallel_config
+from pretrain.models.collectives import gather_last_dim, gather_sequence
+from pretrain.models.layers import (
+    Block,
+    TensorParallel,
+    add_positions,
+    attach_positions,
+    attention_mask,
+    build_norm,
+    column_linear,
+    embed_tokens,
+    lm_loss,
+    normal_init,
+    pad_to_multiple,
+    run_blocks,
+    token_embedding,
+)
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp_group: Any, tp_size: int = 1):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        tp_group: Any,
+        tp_size: int = 1,
+        sequence_parallel: bool = False,
+    ):
         super().__init__()
-        if cfg.vocab_size is None:
-            raise ValueError("GPT needs a resolved model.vocab_size (see resolve_vocab_size)")
         self.cfg = cfg
         self.tp_group = tp_group
-        mp = parallel_config(tp_size)
-        self.embed = tp.VocabParallelEmbedding(
-            cfg.vocab_size,
-            cfg.d_model,
-            init_method=normal_init(cfg.init_std),
-            config=mp,
-            tp_group=tp_group,
-        )
-        self.pos_embed = None
-        rotary = None
-        if cfg.positions == "learned":
-            self.pos_embed = nn.Embedding(cfg.seq_len, cfg.d_model)
-            normal_init(cfg.init_std)(self.pos_embed.weight)
-        else:
-            rotary = RotaryEmbedding(cfg.head_dim, cfg.seq_len, cfg.rope_theta)
+        self.tpc = tpc = TensorParallel.build(tp_group, tp_size, sequence_parallel)
+        self.embed = token_embedding(cfg, tpc)
+        rotary = attach_positions(self, cfg, tpc)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, mp, tp_group, rotary) for _ in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        self.blocks = nn.ModuleList(
+            Block(cfg, tpc, n_layers=cfg.n_layers, rotary=rotary) for _ in range(cfg.n_layers)
+        )
+        # Post-LN blocks end in a norm already; pre-LN stacks need one before the logits.
+        self.ln_f = build_norm(cfg, tpc) if cfg.norm_position == "pre" else None
         self.head = None
         if not cfg.tie_embeddings:
-            self.head = tp.ColumnParallelLinear(
-                cfg.d_model,
-                cfg.vocab_size,
-                config=mp,
-                init_method=normal_init(cfg.init_std),
-                bias=False,
-                gather_output=False,
-                tp_group=tp_group,
+            self.head = column_linear(
+                cfg.d_model, cfg.vocab_size, False, normal_init(cfg.init_std), tpc
             )
 
-    def hidden(self, tokens_BS: torch.Tensor) -> torch.Tensor:
-        """Final hidden states [s, b, d] for token ids [b, s]."""
+    def hidden(self, tokens_BS: torch.Tensor, doc_ids_BS: torch.Tensor | None = None):
+        """Final hidden states [s, b, d] (this rank's sequence shard under sequence
+        parallelism) for token ids [b, s]."""
         s = tokens_BS.shape[1]
         if s > self.cfg.seq_len:
             raise ValueError(f"sequence of {s} tokens exceeds model.seq_len={self.cfg.seq_len}")
-        x_BSD = self.embed(tokens_BS)
+        if self.tpc.sequence_parallel and s % self.tpc.size:
+            raise ValueError(
+                f"sequence parallelism splits the sequence over {self.tpc.size} ranks; "
+                f"{s} tokens do not divide"
+            )
+        x_SBD = embed_tokens(self.embed, tokens_BS, self.tpc)
         if self.pos_embed is not None:
-            x_BSD = x_BSD + self.pos_embed.weight[:s]
-        x_SBD = self.drop(x_BSD.transpose(0, 1).contiguous())
-        for block in self.blocks:
-            if self.cfg.activation_checkpointing and self.training:
-                x_SBD = torch.utils.checkpoint.checkpoint(block, x_SBD, use_reentrant=False)
-            else:
-                x_SBD = block(x_SBD)
-        return self.ln_f(x_SBD)
+            x_SBD = add_positions(x_SBD, self.pos_embed.weight, s, self.tpc)
+        elif self.cfg.positions == "sinusoidal":
+            x_SBD = add_positions(x_SBD, self.pos_table, s, self.tpc)
+        x_SBD = self.drop(x_SBD)
+        mask = attention_mask(
+            s, s, causal=True, dtype=x_SBD.dtype, device=x_SBD.device, doc_ids_BS=doc_ids_BS
+        )
+        x_SBD = run_blocks(self.blocks, x_SBD, self.cfg.activation_checkpointing, mask)
+        return self.ln_f(x_SBD) if self.ln_f is not None else x_SBD
 
     def logits_parallel(self, h_SBD: torch.Tensor) -> torch.Tensor:
-        """This rank's slice of the vocabulary logits, [s, b, v / tp]."""
+        """This rank's slice of the vocabulary logits, [s, b, v / tp], for the whole sequence."""
+        tpc = self.tpc
+        if tpc.sequence_parallel:
+            # Every rank scores the whole sequence against its vocabulary slice; the gather's
+            # backward sums the ranks' gradients and hands each its shard.
+            h_SBD = gather_sequence(h_SBD, tpc.group)
+        elif self.head is None:
+            # The tied projection reads the full hidden state on every TP rank; the copy makes
+            # the backward pass all-reduce its gradient across the group (megatron's
+            # parallel_lm_logits). The untied head does the same inside ColumnParallelLinear.
+            h_SBD = tp.copy_to_tensor_model_parallel_region(h_SBD, group=tpc.group)
         if self.head is not None:
             logits, _ = self.head(h_SBD)
             return logits
-        # The tied projection reads the full hidden state on every TP rank; the copy makes the
-        # backward pass all-reduce its gradient across the group (megatron's parallel_lm_logits).
-        h_SBD = tp.copy_to_tensor_model_parallel_region(h_SBD, group=self.tp_group)
         return F.linear(h_SBD, self.embed.weight)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
+    ):
         """Mean next-token cross-entropy when targets are given, else full logits [b, s, v].
 
-        tokens and targets are [b, s] ids; the names are the keys of the loader's causal
-        batches, which the trainer passes as keyword arguments.
+        tokens and targets are [b, s] ids; doc_ids [b, s] (optional) keeps attention inside each
+        document of a packed sequence; loss_mask [b, s] (optional) scores only where it is 1.
+        The names are the keys of the loader's causal batches, which the trainer passes as
+        keyword arguments.
         """
-        logits_SBV = self.logits_parallel(self.hidden(tokens))
+        if targets is None and self.tpc.sequence_parallel:
+            return self._logits_any_length(tokens, doc_ids)
+        logits_SBV = self.logits_parallel(self.hidden(tokens, doc_ids))
         if targets is None:
-            full = tp.gather_from_tensor_model_parallel_region(logits_SBV, group=self.tp_group)
-            return full.transpose(0, 1)
-        loss_SB = tp.vocab_parallel_cross_entropy(
-            logits_SBV.float(), targets.transpose(0, 1).contiguous()
-        )
-        return loss_SB.mean()
+            return gather_last_dim(logits_SBV, self.tpc.group).transpose(0, 1)
+        return lm_loss(logits_SBV, targets, loss_mask, self.tpc)
+
+    def _logits_any_length(self, tokens_BS: torch.Tensor, doc_ids_BS: torch.Tensor | None):
+        """Logits for a prompt whose length need not divide by the TP size (generation under
+        sequence parallelism): pad at the end, which a causal model's earlier positions never
+        see, and drop the padding's logits."""
+        s = tokens_BS.shape[1]
+        pad = -s % self.tpc.size
+        if pad and s + pad > self.cfg.seq_len:
+            raise ValueError(
+                f"{s} tokens padded to {s + pad} for sequence parallelism exceed "
+                f"model.seq_len={self.cfg.seq_len}"
+            )
+        tokens_BS = pad_to_multiple(tokens_BS, pad)
+        if doc_ids_BS is not None:
+            doc_ids_BS = pad_to_multiple(doc_ids_BS, pad, value=-1)
+        logits_SBV = self.logits_parallel(self.hidden(tokens_BS, doc_ids_BS))
+        return gather_last_dim(logits_SBV, self.tpc.group).transpose(0, 1)[:, :s]

@@ -2,26 +2,35 @@
 
 Activations use megatron's layout: sequence first, [s, b, d], because sequence parallelism
 shards the first dimension. Shape suffixes name dimensions:
-  S sequence, B batch, D model width, H heads on this rank, K head size, F MLP width on this rank,
-  V vocabulary rows on this rank.
+  S sequence (Q queries, K keys where they differ), B batch, D model width, H heads on this rank,
+  G key/value groups on this rank, E head size, F MLP width on this rank, V vocabulary rows on
+  this rank.
 At TP=1 every layer is a plain dense layer; at TP=n column-parallel layers hold 1/n of the output
-features (whole attention heads, whole MLP columns) and row-parallel layers all-reduce their
-output, so the model code does not change with the layout.
+features (whole attention heads, whole key/value groups, whole MLP columns) and row-parallel
+layers sum their partial outputs over the group, so the model code does not change with the
+layout. With sequence parallelism the residual stream between the TP layers holds 1/n of the
+sequence: column layers all-gather it, row layers reduce-scatter into it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
 from megatron.core import tensor_parallel as tp
 from torch import nn
 
 from pretrain.config import ModelConfig
+from pretrain.models.collectives import (
+    gather_sequence,
+    reduce_scatter_sequence,
+)
 
 
 def normal_init(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -33,6 +42,8 @@ def parallel_config(tp_size: int, pp_size: int = 1) -> ModelParallelConfig:
 
     Weights are initialised on the CPU from one full master tensor and then sliced, so a model
     starts from the same numbers at any TP size (what TP=1 vs TP=n equivalence relies on).
+    megatron's own `sequence_parallel` stays off: its fused gather/scatter allocates on CUDA
+    only, so the sequence-parallel communication is ours (collectives.py), for CPU and GPU alike.
     """
     return ModelParallelConfig(
         tensor_model_parallel_size=tp_size,
@@ -44,6 +55,195 @@ def parallel_config(tp_size: int, pp_size: int = 1) -> ModelParallelConfig:
     )
 
 
+@dataclass(frozen=True)
+class TensorParallel:
+    """The tensor-parallel group a model is built for, passed down to every layer."""
+
+    group: Any
+    size: int
+    sequence_parallel: bool
+    mp: ModelParallelConfig
+
+    @classmethod
+    def build(cls, group: Any, size: int = 1, sequence_parallel: bool = False) -> TensorParallel:
+        # Sequence parallelism inside a group of one is a no-op (megatron disables it too).
+        return cls(group, size, sequence_parallel and size > 1, parallel_config(size))
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group) if self.size > 1 else 0
+
+
+def mark_sequence_parallel(*params: nn.Parameter | None) -> None:
+    """Flag parameters that are replicated in the TP group but, under sequence parallelism, see
+    only this rank's shard of the sequence: their gradients must be summed over the group
+    (megatron's `param.sequence_parallel`; parallelize.py registers the hooks)."""
+    for p in params:
+        if p is not None:
+            p.sequence_parallel = True
+
+
+def mark_norm(norm: nn.Module, tpc: TensorParallel) -> nn.Module:
+    if tpc.sequence_parallel:
+        mark_sequence_parallel(*norm.parameters())
+    return norm
+
+
+def build_norm(cfg: ModelConfig, tpc: TensorParallel) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        norm: nn.Module = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    else:
+        norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+    return mark_norm(norm, tpc)
+
+
+# --- tensor-parallel linear layers ---------------------------------------------------------------
+
+
+def column_linear(
+    d_in: int, d_out: int, bias: bool, init: Callable, tpc: TensorParallel
+) -> tp.ColumnParallelLinear:
+    """A column-parallel layer (output features split). Under sequence parallelism its input is
+    gathered by `column()` instead of megatron's CUDA-only fused path, so megatron's own
+    gradient all-reduce is switched off (the gather's backward reduce-scatters instead)."""
+    return tp.ColumnParallelLinear(
+        d_in,
+        d_out,
+        config=tpc.mp,
+        init_method=init,
+        bias=bias,
+        gather_output=False,
+        disable_grad_reduce=tpc.sequence_parallel,
+        tp_group=tpc.group,
+    )
+
+
+def row_linear(
+    d_in: int, d_out: int, bias: bool, init: Callable, tpc: TensorParallel
+) -> tp.RowParallelLinear:
+    layer = tp.RowParallelLinear(
+        d_in,
+        d_out,
+        config=tpc.mp,
+        init_method=init,
+        bias=bias,
+        input_is_parallel=True,
+        skip_bias_add=False,
+        tp_group=tpc.group,
+    )
+    if tpc.sequence_parallel:
+        mark_sequence_parallel(layer.bias)  # added after the reduce-scatter, to a shard
+    return layer
+
+
+def column(layer: tp.ColumnParallelLinear, x_SBD: torch.Tensor, tpc: TensorParallel):
+    if tpc.sequence_parallel:
+        x_SBD = gather_sequence(x_SBD, tpc.group)
+    out, _ = layer(x_SBD)
+    return out
+
+
+def row(layer: tp.RowParallelLinear, x_SBF: torch.Tensor, tpc: TensorParallel):
+    if not tpc.sequence_parallel:
+        out, _ = layer(x_SBF)
+        return out
+    out = reduce_scatter_sequence(F.linear(x_SBF, layer.weight), tpc.group)
+    return out + layer.bias if layer.bias is not None else out
+
+
+# --- embeddings and positions --------------------------------------------------------------------
+
+
+def token_embedding(
+    cfg: ModelConfig, tpc: TensorParallel, std: float | None = None
+) -> tp.VocabParallelEmbedding:
+    """The vocabulary-parallel token embedding, initialised N(0, std) (default model.init_std)."""
+    if cfg.vocab_size is None:
+        raise ValueError("the model needs a resolved model.vocab_size (see config.resolve_vocab)")
+    return tp.VocabParallelEmbedding(
+        cfg.vocab_size,
+        cfg.d_model,
+        init_method=normal_init(cfg.init_std if std is None else std),
+        config=tpc.mp,
+        tp_group=tpc.group,
+    )
+
+
+def embed_tokens(
+    embed: tp.VocabParallelEmbedding, tokens_BS: torch.Tensor, tpc: TensorParallel
+) -> torch.Tensor:
+    """Token ids [b, s] -> [s, b, d] (this rank's sequence shard under sequence parallelism).
+
+    Each rank looks up the ids of its vocabulary slice and zeroes the rest; the sum over the
+    group completes the lookup. megatron's `reduce_scatter_embeddings` does the same sum as a
+    reduce-scatter, but through its CUDA-only mapping, hence the lookup written out here.
+    """
+    if not tpc.sequence_parallel:
+        return embed(tokens_BS).transpose(0, 1).contiguous()
+    outside = (tokens_BS < embed.vocab_start_index) | (tokens_BS >= embed.vocab_end_index)
+    local = (tokens_BS - embed.vocab_start_index).masked_fill(outside, 0)
+    x_BSD = F.embedding(local, embed.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+    return reduce_scatter_sequence(x_BSD.transpose(0, 1).contiguous(), tpc.group)
+
+
+def shard_positions(s: int, tpc: TensorParallel) -> slice:
+    """The positions of the rank's sequence shard (all of them without sequence parallelism)."""
+    if not tpc.sequence_parallel:
+        return slice(0, s)
+    n = s // tpc.size
+    return slice(tpc.rank * n, (tpc.rank + 1) * n)
+
+
+def pad_to_multiple(x_BS: torch.Tensor, pad: int, value: float = 0) -> torch.Tensor:
+    """Append `pad` positions (sequence parallelism needs lengths that divide by the TP size)."""
+    if x_BS.dtype == torch.bool:
+        return F.pad(x_BS.to(torch.uint8), (0, pad), value=int(value)).bool()
+    return F.pad(x_BS, (0, pad), value=value)
+
+
+def sinusoidal_table(max_len: int, d: int) -> torch.Tensor:
+    """Vaswani et al.'s fixed positions: sin on even features, cos on odd, wavelengths from
+    2*pi to 10000*2*pi."""
+    pos = torch.arange(max_len, dtype=torch.float32)[:, None]
+    inv = torch.exp(-math.log(10000.0) * torch.arange(0, d, 2, dtype=torch.float32) / d)
+    table = torch.zeros(max_len, d)
+    table[:, 0::2] = torch.sin(pos * inv)
+    table[:, 1::2] = torch.cos(pos * inv)[:, : d // 2]
+    return table
+
+
+def learned_positions(cfg: ModelConfig, tpc: TensorParallel) -> nn.Embedding | None:
+    """The learned position table of GPT-2 / BERT (None for other position schemes)."""
+    if cfg.positions != "learned":
+        return None
+    table = nn.Embedding(cfg.seq_len, cfg.d_model)
+    normal_init(cfg.init_std)(table.weight)
+    if tpc.sequence_parallel:  # added after the scatter: each rank trains its own rows only
+        mark_sequence_parallel(table.weight)
+    return table
+
+
+def attach_positions(model: nn.Module, cfg: ModelConfig, tpc: TensorParallel):
+    """Give a GPT or BERT its absolute positions: the learned table `pos_embed` (None for other
+    schemes) and, for sinusoidal positions, the fixed buffer `pos_table` (not persistent: it is
+    derived from the config, so checkpoints stay free of it). Returns the rotary embedding the
+    attention layers apply for `positions: rope`, else None."""
+    model.pos_embed = learned_positions(cfg, tpc)
+    if cfg.positions == "sinusoidal":
+        table = sinusoidal_table(cfg.seq_len, cfg.d_model)
+        model.register_buffer("pos_table", table, persistent=False)
+    if cfg.positions == "rope":
+        return RotaryEmbedding(cfg.head_dim, cfg.seq_len, cfg.rope_theta)
+    return None
+
+
+def add_positions(
+    x_SBD: torch.Tensor, table_SD: torch.Tensor, s: int, tpc: TensorParallel
+) -> torch.Tensor:
+    """Add the position vectors of this rank's shard of a sequence of `s` tokens."""
+    return x_SBD + table_SD[shard_positions(s, tpc)].to(x_SBD.dtype).unsqueeze(1)
+
+
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding (RoFormer), applied to queries and keys: rotating pairs of
     features by position-dependent angles makes q.k depend on the relative offset only."""
@@ -51,124 +251,344 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_len: int, theta: float):
         super().__init__()
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        angles_SK = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        angles_SE = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
         # Not persistent: derived from the config, so checkpoints stay free of them.
-        self.register_buffer("cos_SK", angles_SK.cos(), persistent=False)
-        self.register_buffer("sin_SK", angles_SK.sin(), persistent=False)
+        self.register_buffer("cos_SK", angles_SE.cos(), persistent=False)
+        self.register_buffer("sin_SK", angles_SE.sin(), persistent=False)
 
-    def forward(self, x_BHSK: torch.Tensor) -> torch.Tensor:
-        s = x_BHSK.shape[2]
-        cos, sin = self.cos_SK[:s].to(x_BHSK.dtype), self.sin_SK[:s].to(x_BHSK.dtype)
+    def forward(self, x_BHSE: torch.Tensor) -> torch.Tensor:
+        s = x_BHSE.shape[2]
+        cos, sin = self.cos_SK[:s].to(x_BHSE.dtype), self.sin_SK[:s].to(x_BHSE.dtype)
         # Rotate the first half of the features against the second half (the convention of
         # GPT-NeoX and Llama checkpoints, so exported weights need no permutation).
-        x1, x2 = x_BHSK.chunk(2, dim=-1)
+        x1, x2 = x_BHSE.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-class SelfAttention(nn.Module):
-    """Causal multi-head self-attention through scaled_dot_product_attention (FlashAttention
-    kernels on GPU, the fused CPU kernel on CPU).
+def relative_position_bucket(
+    rel_QK: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int
+) -> torch.Tensor:
+    """T5's bucket of each offset `key - query`: exact buckets for small offsets, then
+    logarithmically wider ones up to max_distance, beyond which all share the last bucket.
+    Bidirectional (encoder) buckets spend half the buckets on each direction; unidirectional
+    (decoder) ones see only keys at or before the query."""
+    buckets = torch.zeros_like(rel_QK)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (rel_QK > 0).long() * num_buckets
+        n = rel_QK.abs()
+    else:
+        n = (-rel_QK).clamp(min=0)
+    max_exact = num_buckets // 2
+    log_ratio = torch.log(n.clamp(min=1).float() / max_exact) / math.log(max_distance / max_exact)
+    large = max_exact + (log_ratio * (num_buckets - max_exact)).long()
+    large = large.clamp(max=num_buckets - 1)
+    return buckets + torch.where(n < max_exact, n, large)
 
-    The fused QKV projection is laid out per head as [head, (q, k, v), K], so splitting its output
-    features across TP ranks hands each rank whole heads with their own q, k and v.
+
+class RelativePositionBias(nn.Module):
+    """T5's learned scalar bias per (bucket, head), added to the attention scores. One instance
+    per stack, shared by all its layers. Heads are split over TP ranks like the attention
+    heads, so the table is initialised whole and sliced (the same numbers at any TP size)."""
+
+    def __init__(self, cfg: ModelConfig, tpc: TensorParallel, bidirectional: bool):
+        super().__init__()
+        self.bidirectional = bidirectional
+        self.num_buckets, self.max_distance = cfg.rel_buckets, cfg.rel_max_distance
+        heads = cfg.n_heads // tpc.size
+        master = torch.empty(cfg.rel_buckets, cfg.n_heads)
+        normal_init(cfg.init_std)(master)
+        self.weight = nn.Parameter(master[:, tpc.rank * heads : (tpc.rank + 1) * heads].clone())
+        tp.set_tensor_model_parallel_attributes(self.weight, True, 1, 1)
+
+    def forward(self, q_len: int, k_len: int) -> torch.Tensor:
+        """Additive bias [1, h, q, k] for this rank's heads."""
+        keys = torch.arange(k_len, device=self.weight.device)
+        queries = torch.arange(q_len, device=self.weight.device)
+        rel_QK = keys[None, :] - queries[:, None]
+        bucket_QK = relative_position_bucket(
+            rel_QK, self.bidirectional, self.num_buckets, self.max_distance
+        )
+        return self.weight[bucket_QK].permute(2, 0, 1).unsqueeze(0)
+
+
+# --- attention -----------------------------------------------------------------------------------
+
+
+@dataclass
+class AttentionMask:
+    """What attention needs beyond q, k and v, computed once per forward and shared by all layers
+    of a stack: the causal fast path (SDPA's is_causal, no mask tensor), or an additive bias
+    broadcastable to [b, h, q, k] (padding, documents, T5's position bias)."""
+
+    causal: bool = False
+    bias: torch.Tensor | None = None
+
+
+def attention_mask(
+    q_len: int,
+    k_len: int,
+    *,
+    causal: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+    key_padding_BK: torch.Tensor | None = None,
+    doc_ids_BS: torch.Tensor | None = None,
+    position_bias_1HQK: torch.Tensor | None = None,
+) -> AttentionMask:
+    """A mask tensor is built only when something beyond plain causality needs one, so GPT
+    without documents keeps the fused causal kernels.
+
+    Masked scores get the dtype's lowest finite value rather than -inf: a row with every key
+    masked (an all-padding sequence) then averages its values instead of turning into NaN.
+    """
+    if key_padding_BK is None and doc_ids_BS is None and position_bias_1HQK is None:
+        return AttentionMask(causal=causal)
+    # keep[b|1, q|1, k]: broadcast shapes, so padding alone costs [b, 1, k], not [b, q, k].
+    keeps = []
+    if causal:
+        keeps.append(torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril()[None])
+    if key_padding_BK is not None:
+        keeps.append(key_padding_BK.bool()[:, None, :])
+    if doc_ids_BS is not None:
+        keeps.append(doc_ids_BS[:, :, None] == doc_ids_BS[:, None, :])
+    bias = None
+    if keeps:
+        keep = keeps[0]
+        for other in keeps[1:]:
+            keep = keep & other
+        bias = torch.zeros(keep.shape, dtype=dtype, device=device)
+        bias = bias.masked_fill(~keep, torch.finfo(dtype).min).unsqueeze(1)
+    if position_bias_1HQK is not None:
+        pos = position_bias_1HQK.to(dtype)
+        bias = pos if bias is None else bias + pos
+    return AttentionMask(bias=bias)
+
+
+def _qkv_init(std: float, q_std: float, groups: int, q_per_group: int, head_dim: int):
+    """Init of the fused QKV master weight; query rows may use their own std (T5 folds the
+    1/sqrt(head size) of scaled dot-product attention into the query init)."""
+
+    def init(w: torch.Tensor) -> torch.Tensor:
+        nn.init.normal_(w, mean=0.0, std=std)
+        if q_std != std:
+            with torch.no_grad():
+                rows = w.view(groups, q_per_group + 2, head_dim, -1)
+                rows[:, :q_per_group].mul_(q_std / std)
+        return w
+
+    return init
+
+
+class Attention(nn.Module):
+    """Multi-head, grouped-query or multi-query attention through scaled_dot_product_attention
+    (FlashAttention / cuDNN kernels on GPU, the fused CPU kernel on CPU); self-attention, or
+    cross-attention to a `memory` (the T5 encoder output).
+
+    The fused QKV projection's output features are laid out per key/value group as
+    [group, (q_1 .. q_{n_heads/n_kv}, k, v), head size], so a column split over TP ranks hands
+    each rank whole groups: its query heads together with the keys and values they read. With
+    n_kv_heads = n_heads this is [head, (q, k, v), head size].
     """
 
     def __init__(
         self,
         cfg: ModelConfig,
-        mp: ModelParallelConfig,
-        tp_group: Any,
-        rotary: RotaryEmbedding | None,
+        tpc: TensorParallel,
+        *,
+        n_layers: int,
+        cross: bool = False,
+        rotary: RotaryEmbedding | None = None,
+        scale: float | None = None,
+        q_init_std: float | None = None,
     ):
         super().__init__()
-        tp_size = mp.tensor_model_parallel_size
-        self.heads_local = cfg.n_heads // tp_size
-        self.head_dim = cfg.head_dim
+        self.tpc = tpc
+        e = self.head_dim = cfg.head_dim
+        self.heads_local = cfg.n_heads // tpc.size
+        self.groups_local = cfg.kv_heads // tpc.size
+        self.q_per_group = cfg.n_heads // cfg.kv_heads
         self.dropout = cfg.dropout
         self.rotary = rotary
-        self.qkv = tp.ColumnParallelLinear(
-            cfg.d_model,
-            3 * cfg.d_model,
-            config=mp,
-            init_method=normal_init(cfg.init_std),
-            bias=cfg.bias,
-            gather_output=False,
-            tp_group=tp_group,
-        )
-        self.proj = tp.RowParallelLinear(
-            cfg.d_model,
-            cfg.d_model,
-            config=mp,
-            init_method=normal_init(cfg.init_std / math.sqrt(2 * cfg.n_layers)),
-            bias=cfg.bias,
-            input_is_parallel=True,
-            skip_bias_add=False,
-            tp_group=tp_group,
-        )
+        self.scale = scale
+        std = cfg.init_std
+        q_std = std if q_init_std is None else q_init_std
+        d, h, g = cfg.d_model, cfg.n_heads, cfg.kv_heads
+        if cross:
+            self.q = column_linear(d, h * e, cfg.bias, normal_init(q_std), tpc)
+            self.kv = column_linear(d, 2 * g * e, cfg.bias, normal_init(std), tpc)
+        else:
+            init = _qkv_init(std, q_std, g, self.q_per_group, e)
+            self.qkv = column_linear(d, (h + 2 * g) * e, cfg.bias, init, tpc)
+        self.proj = row_linear(h * e, d, cfg.bias, normal_init(std / math.sqrt(2 * n_layers)), tpc)
 
-    def forward(self, x_SBD: torch.Tensor) -> torch.Tensor:
-        s, b, _ = x_SBD.shape
-        qkv, _ = self.qkv(x_SBD)
-        qkv_SBH3K = qkv.view(s, b, self.heads_local, 3, self.head_dim)
-        q_BHSK, k_BHSK, v_BHSK = qkv_SBH3K.permute(3, 1, 2, 0, 4).unbind(0)
+    def _heads(self, x_SBF: torch.Tensor, n: int) -> torch.Tensor:
+        """[s, b, n * e] -> [b, n, s, e]"""
+        s, b = x_SBF.shape[:2]
+        return x_SBF.view(s, b, n, self.head_dim).permute(1, 2, 0, 3)
+
+    def forward(
+        self, x_SBD: torch.Tensor, mask: AttentionMask, memory_SBD: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        e, g, per = self.head_dim, self.groups_local, self.q_per_group
+        if memory_SBD is None:
+            qkv = column(self.qkv, x_SBD, self.tpc)
+            s, b = qkv.shape[:2]
+            qkv_SBGPE = qkv.view(s, b, g, per + 2, e)
+            q_BHSE = self._heads(qkv_SBGPE[:, :, :, :per].reshape(s, b, -1), self.heads_local)
+            k_BGSE = qkv_SBGPE[:, :, :, per].permute(1, 2, 0, 3)
+            v_BGSE = qkv_SBGPE[:, :, :, per + 1].permute(1, 2, 0, 3)
+        else:
+            q_BHSE = self._heads(column(self.q, x_SBD, self.tpc), self.heads_local)
+            kv = column(self.kv, memory_SBD, self.tpc)
+            kv_KBG2E = kv.view(kv.shape[0], kv.shape[1], g, 2, e)
+            k_BGSE = kv_KBG2E[:, :, :, 0].permute(1, 2, 0, 3)
+            v_BGSE = kv_KBG2E[:, :, :, 1].permute(1, 2, 0, 3)
         if self.rotary is not None:
-            q_BHSK, k_BHSK = self.rotary(q_BHSK), self.rotary(k_BHSK)
-        o_BHSK = F.scaled_dot_product_attention(
-            q_BHSK, k_BHSK, v_BHSK, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            q_BHSE, k_BGSE = self.rotary(q_BHSE), self.rotary(k_BGSE)
+        o_BHSE = F.scaled_dot_product_attention(
+            q_BHSE,
+            k_BGSE,
+            v_BGSE,
+            attn_mask=mask.bias,
+            is_causal=mask.causal and mask.bias is None,
+            dropout_p=self.dropout if self.training else 0.0,
+            scale=self.scale,
+            enable_gqa=per > 1,
         )
-        o_SBF = o_BHSK.permute(2, 0, 1, 3).reshape(s, b, self.heads_local * self.head_dim)
-        out, _ = self.proj(o_SBF)
-        return out
+        s, b = o_BHSE.shape[2], o_BHSE.shape[0]
+        o_SBF = o_BHSE.permute(2, 0, 1, 3).reshape(s, b, self.heads_local * e)
+        return row(self.proj, o_SBF, self.tpc)
+
+
+# --- MLP and blocks ------------------------------------------------------------------------------
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: column-parallel up projection, GELU, row-parallel down."""
+    """Position-wise feed-forward: column-parallel up projection, activation, row-parallel down.
 
-    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, tp_group: Any):
+    Gated variants (SwiGLU, GeGLU) compute act(x W_gate) * (x W_up) with W_gate and W_up fused
+    into one column-parallel matmul whose output features interleave them, [g_0, u_0, g_1, u_1,
+    ...]: any column split then keeps each gate next to its up projection, at any TP size.
+    """
+
+    ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "gelu": F.gelu,
+        "relu": F.relu,
+        "swiglu": F.silu,
+        "geglu": F.gelu,
+    }
+
+    def __init__(self, cfg: ModelConfig, tpc: TensorParallel, *, n_layers: int):
         super().__init__()
-        self.up = tp.ColumnParallelLinear(
-            cfg.d_model,
-            cfg.ffn_size,
-            config=mp,
-            init_method=normal_init(cfg.init_std),
-            bias=cfg.bias,
-            gather_output=False,
-            tp_group=tp_group,
+        self.tpc = tpc
+        self.gated = cfg.activation in ("swiglu", "geglu")
+        self.act = self.ACTIVATIONS[cfg.activation]
+        f = cfg.ffn_size
+        self.up = column_linear(
+            cfg.d_model, 2 * f if self.gated else f, cfg.bias, normal_init(cfg.init_std), tpc
         )
-        self.down = tp.RowParallelLinear(
-            cfg.ffn_size,
-            cfg.d_model,
-            config=mp,
-            init_method=normal_init(cfg.init_std / math.sqrt(2 * cfg.n_layers)),
-            bias=cfg.bias,
-            input_is_parallel=True,
-            skip_bias_add=False,
-            tp_group=tp_group,
-        )
+        down_init = normal_init(cfg.init_std / math.sqrt(2 * n_layers))
+        self.down = row_linear(f, cfg.d_model, cfg.bias, down_init, tpc)
 
     def forward(self, x_SBD: torch.Tensor) -> torch.Tensor:
-        h_SBF, _ = self.up(x_SBD)
-        out, _ = self.down(F.gelu(h_SBF))
-        return out
+        h_SBF = column(self.up, x_SBD, self.tpc)
+        if self.gated:
+            pairs = h_SBF.view(*h_SBF.shape[:-1], -1, 2)
+            h_SBF = self.act(pairs[..., 0]) * pairs[..., 1]
+        else:
+            h_SBF = self.act(h_SBF)
+        return row(self.down, h_SBF, self.tpc)
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """A transformer block: self-attention, optional cross-attention (T5 decoder), MLP.
+
+    Pre-LN: x + f(norm(x)) for each sub-layer; post-LN: norm(x + f(x)).
+    """
 
     def __init__(
         self,
         cfg: ModelConfig,
-        mp: ModelParallelConfig,
-        tp_group: Any,
-        rotary: RotaryEmbedding | None,
+        tpc: TensorParallel,
+        *,
+        n_layers: int,
+        cross: bool = False,
+        rotary: RotaryEmbedding | None = None,
+        scale: float | None = None,
+        q_init_std: float | None = None,
     ):
         super().__init__()
-        self.ln_attn = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
-        self.attn = SelfAttention(cfg, mp, tp_group, rotary)
-        self.ln_mlp = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
-        self.mlp = MLP(cfg, mp, tp_group)
+        attn_kw = dict(n_layers=n_layers, scale=scale, q_init_std=q_init_std)
+        self.pre_norm = cfg.norm_position == "pre"
+        self.ln_attn = build_norm(cfg, tpc)
+        self.attn = Attention(cfg, tpc, rotary=rotary, **attn_kw)
+        self.ln_cross: nn.Module | None = None
+        self.cross_attn: Attention | None = None
+        if cross:
+            self.ln_cross = build_norm(cfg, tpc)
+            self.cross_attn = Attention(cfg, tpc, cross=True, **attn_kw)
+        self.ln_mlp = build_norm(cfg, tpc)
+        self.mlp = MLP(cfg, tpc, n_layers=n_layers)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x_SBD: torch.Tensor) -> torch.Tensor:
-        x_SBD = x_SBD + self.drop(self.attn(self.ln_attn(x_SBD)))
-        return x_SBD + self.drop(self.mlp(self.ln_mlp(x_SBD)))
+    def _sub(self, x_SBD: torch.Tensor, norm: nn.Module, f: Callable) -> torch.Tensor:
+        if self.pre_norm:
+            return x_SBD + self.drop(f(norm(x_SBD)))
+        return norm(x_SBD + self.drop(f(x_SBD)))
+
+    def forward(
+        self,
+        x_SBD: torch.Tensor,
+        mask: AttentionMask,
+        memory_SBD: torch.Tensor | None = None,
+        memory_mask: AttentionMask | None = None,
+    ) -> torch.Tensor:
+        x_SBD = self._sub(x_SBD, self.ln_attn, lambda h: self.attn(h, mask))
+        if self.cross_attn is not None:
+            if memory_SBD is None or memory_mask is None:
+                raise ValueError("a cross-attention block needs the encoder output and its mask")
+            cross = self.cross_attn
+            x_SBD = self._sub(x_SBD, self.ln_cross, lambda h: cross(h, memory_mask, memory_SBD))
+        return self._sub(x_SBD, self.ln_mlp, self.mlp)
+
+
+def run_blocks(
+    blocks: nn.ModuleList, x_SBD: torch.Tensor, checkpointing: bool, *args: Any
+) -> torch.Tensor:
+    """Apply the blocks in order, recomputing each in the backward pass when asked."""
+    for block in blocks:
+        if checkpointing and torch.is_grad_enabled():
+            x_SBD = torch.utils.checkpoint.checkpoint(block, x_SBD, *args, use_reentrant=False)
+        else:
+            x_SBD = block(x_SBD, *args)
+    return x_SBD
+
+
+# --- output and loss -----------------------------------------------------------------------------
+
+
+def lm_loss(
+    logits_SBV: torch.Tensor,
+    targets_BS: torch.Tensor,
+    loss_mask_BS: torch.Tensor | None,
+    tpc: TensorParallel,
+) -> torch.Tensor:
+    """Mean vocab-parallel cross-entropy over the scored positions (all, or where loss_mask is
+    1). A batch with no scored position gives 0, not NaN."""
+    # megatron's vocab_parallel_cross_entropy reduces over parallel_state's global TP group,
+    # not the model's: a model built for another group would get a silently wrong loss.
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() != tpc.size:
+        raise ValueError(
+            f"the model is built for TP={tpc.size} but megatron's tensor-parallel group has "
+            f"{ps.get_tensor_model_parallel_world_size()} ranks; the loss would be reduced over it"
+        )
+    loss_SB = tp.vocab_parallel_cross_entropy(
+        logits_SBV.float(), targets_BS.transpose(0, 1).contiguous()
+    )
+    if loss_mask_BS is None:
+        return loss_SB.mean()
+    mask_SB = loss_mask_BS.transpose(0, 1).to(loss_SB.dtype)
+    return (loss_SB * mask_SB).sum() / mask_SB.sum().clamp(min=1.0)

@@ -13,7 +13,7 @@ from pretrain.config import ModelConfig
 from pretrain.generate import generate
 from pretrain.models.flops import flops_per_token, param_count
 from pretrain.models.gpt import GPT
-from pretrain.models.layers import RotaryEmbedding, SelfAttention, parallel_config
+from pretrain.models.layers import Attention, AttentionMask, RotaryEmbedding, TensorParallel
 
 BASE = ModelConfig(n_layers=2, d_model=32, n_heads=4, seq_len=16, vocab_size=96)
 
@@ -27,7 +27,7 @@ def tokens(b=2, s=16, seed=1) -> torch.Tensor:
     return torch.randint(0, BASE.vocab_size, (b, s), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("positions", ["learned", "rope"])
+@pytest.mark.parametrize("positions", ["learned", "sinusoidal", "rope"])
 def test_shapes_and_loss(world1, positions):
     model = make(world1, positions=positions)
     x = tokens()
@@ -42,11 +42,23 @@ def test_shapes_and_loss(world1, positions):
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("positions", ["learned", "rope"])
-def test_causal(world1, positions):
+LLAMA = dict(positions="rope", norm="rmsnorm", activation="swiglu", bias=False, n_kv_heads=2)
+
+
+@pytest.mark.parametrize(
+    "positions, changes",
+    [
+        ("learned", {}),
+        ("sinusoidal", {}),
+        ("rope", {}),
+        ("rope", LLAMA),
+        ("learned", {"norm_position": "post", "n_kv_heads": 1}),
+    ],
+)
+def test_causal(world1, positions, changes):
     """Outputs at position t do not change when tokens after t change; they do change when a
     token at or before t changes (the negative control)."""
-    model = make(world1, positions=positions).eval()
+    model = make(world1, **{"positions": positions, **changes}).eval()
     x = tokens()
     t = 9
     after = x.clone()
@@ -60,7 +72,7 @@ def test_causal(world1, positions):
     assert (b[:, t] - base[:, t]).abs().max() > 1e-3
 
 
-def naive_attention(attn: SelfAttention, x_SBD: torch.Tensor, causal: bool) -> torch.Tensor:
+def naive_attention(attn: Attention, x_SBD: torch.Tensor, causal: bool) -> torch.Tensor:
     """Attention written out: explicit q k^T / sqrt(d), mask, softmax, weighted sum of v."""
     s, b, d = x_SBD.shape
     h, k = attn.heads_local, attn.head_dim
@@ -78,10 +90,10 @@ def naive_attention(attn: SelfAttention, x_SBD: torch.Tensor, causal: bool) -> t
 
 def test_sdpa_matches_naive_attention(world1):
     torch.manual_seed(0)
-    attn = SelfAttention(BASE, parallel_config(1), world1, rotary=None).eval()
+    attn = Attention(BASE, TensorParallel.build(world1), n_layers=BASE.n_layers).eval()
     x = torch.randn(16, 3, BASE.d_model)
     with torch.no_grad():
-        got = attn(x)
+        got = attn(x, AttentionMask(causal=True))
         want = naive_attention(attn, x, causal=True)
         unmasked = naive_attention(attn, x, causal=False)
     assert (got - want).abs().max().item() < 1e-5
@@ -159,3 +171,68 @@ def test_generate_greedy_is_deterministic_and_respects_vocab_limit(world1):
     with torch.no_grad():
         first = int(model(torch.tensor([[1, 2, 3]]))[0, -1, :50].argmax())
     assert a[0] == first
+
+
+def test_sequence_parallel_is_a_no_op_at_tp1(world1):
+    """build_model ignores sequence_parallel in a group of one (as megatron does): same loss,
+    no gradient hooks, no parameter flagged."""
+    from pretrain.models import build_model
+    from pretrain.models.parallelize import sequence_parallel_params
+
+    torch.manual_seed(0)
+    plain = build_model(BASE, world1, 1)
+    torch.manual_seed(0)
+    sp = build_model(BASE, world1, 1, sequence_parallel=True)
+    assert sequence_parallel_params(sp) == []
+    x, y = tokens(), tokens(seed=2)
+    assert plain(x, y).item() == sp(x, y).item()
+
+
+def test_state_dict_names_are_stable(world1):
+    """Checkpoints of earlier runs keep loading: the GPT-2-style defaults keep their names."""
+    names = [k for k in make(world1).state_dict() if not k.endswith("_extra_state")]
+    assert names[:3] == ["embed.weight", "pos_embed.weight", "blocks.0.ln_attn.weight"]
+    assert "blocks.1.attn.qkv.weight" in names and "blocks.1.mlp.up.weight" in names
+    assert names[-2:] == ["ln_f.weight", "ln_f.bias"]
+
+
+# --- merging tensor-parallel checkpoint shards (pretrain-generate) -----------------------------
+
+
+def split_like_megatron(state: dict, tp: int, model) -> list[dict]:
+    """TP shards of a TP=1 state dict: rank r takes the r-th block along each parameter's
+    partition dimension (megatron's contiguous split)."""
+    params = dict(model.named_parameters())
+    shards = [{} for _ in range(tp)]
+    for key, value in state.items():
+        p = params.get(key)
+        for r in range(tp):
+            if p is not None and getattr(p, "tensor_model_parallel", False):
+                shards[r][key] = value.chunk(tp, dim=p.partition_dim)[r].clone()
+            else:
+                shards[r][key] = value
+    return shards
+
+
+def test_merge_tp_shards_restores_the_full_model(world1):
+    from pretrain.errors import CheckpointError
+    from pretrain.generate_cli import merge_tp_shards
+
+    model = make(world1, **LLAMA, tie_embeddings=False)
+    full = model.state_dict()
+    shards = split_like_megatron(full, 2, model)
+    assert (
+        shards[0]["blocks.0.attn.qkv.weight"].shape[0] * 2
+        == full["blocks.0.attn.qkv.weight"].shape[0]
+    )
+    merged = merge_tp_shards(shards, full)
+    for key, value in full.items():
+        if value is not None:
+            assert torch.equal(merged[key], value), key
+    # Negative control: shards in the wrong order give other weights.
+    swapped = merge_tp_shards(shards[::-1], full)
+    assert not torch.equal(swapped["blocks.0.attn.qkv.weight"], full["blocks.0.attn.qkv.weight"])
+    # Shards that do not fit the config are refused with the key named.
+    bad = [dict(s, **{"blocks.0.mlp.up.weight": s["blocks.0.mlp.up.weight"][:3]}) for s in shards]
+    with pytest.raises(CheckpointError, match="blocks.0.mlp.up.weight"):
+        merge_tp_shards(bad, full)
