@@ -27,12 +27,12 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data_pipeline.loader import DatasetInfo, DistributedBatches, PackedSequences  # noqa: E402
+from data_pipeline.loader import DatasetInfo, make_batches  # noqa: E402
 from pretrain import distributed  # noqa: E402
 from pretrain.config import load_config, resolve_vocab  # noqa: E402
 from pretrain.engine import build_engine  # noqa: E402
+from pretrain.models import build_model  # noqa: E402
 from pretrain.models.flops import flops_per_token, param_count  # noqa: E402
-from pretrain.models.gpt import GPT  # noqa: E402
 
 
 class RefBlock(nn.Module):
@@ -91,12 +91,10 @@ def main(argv: list[str]) -> None:
     cfg = resolve_vocab(cfg, info.vocab_size)
     layout = distributed.setup(cfg)
     torch.manual_seed(0)
-    engine, _ = build_engine(cfg, layout, GPT(cfg.model, layout.tp_group, layout.tp_size))
+    engine, _ = build_engine(cfg, layout, build_model(cfg.model, layout.tp_group, layout.tp_size))
     mb, L = cfg.parallel.micro_batch_size, cfg.model.seq_len
     device = layout.device
-    data = DistributedBatches(
-        PackedSequences(info, "train", L, 0, cfg.data.shuffle_window), mb, 0, 1
-    )
+    data = make_batches(cfg.data, "train", L, 0, mb, vocab_size=cfg.model.vocab_size)
 
     def ours():
         (batch,) = data.next_step()

@@ -80,7 +80,7 @@ def resolve_resume(resume: str, ckpt_dir: Path) -> Path | None:
     return path
 
 
-def check_compatible(path: Path, cfg: Config, fingerprint: str, dp: int) -> None:
+def check_compatible(path: Path, cfg: Config, data_identity: dict[str, Any], dp: int) -> None:
     """Refuse, before any process group exists, a resume that would fail or silently
     misbehave after start-up: another model-parallel layout, another ZeRO stage or data-parallel
     size for sharded optimizer state, or other data than the checkpoint was trained on."""
@@ -112,12 +112,14 @@ def check_compatible(path: Path, cfg: Config, fingerprint: str, dp: int) -> None
             )
     saved = meta.get("data") or {}
     if "data" not in exclude and saved:
-        for key, mine in (("fingerprint", fingerprint), ("seq_len", cfg.model.seq_len)):
-            if saved.get(key) != mine:
+        # data_identity: the state_dict() of the loader this run will build, less its position.
+        for key, saved_value in saved.items():
+            if data_identity.get(key) != saved_value:
                 raise CheckpointError(
-                    f"checkpoint {path} was trained on data with {key} {saved.get(key)!r}, this "
-                    f"run's is {mine!r}: resume with the same data and model.seq_len, or add "
-                    f"'data' to checkpoint.exclude_from_loading to start the data afresh"
+                    f"checkpoint {path} was trained on data with {key} {saved_value!r}, this "
+                    f"run's is {data_identity.get(key)!r}: resume with the same data and "
+                    f"settings, or add 'data' to checkpoint.exclude_from_loading to start the "
+                    f"data afresh"
                 )
 
 
@@ -155,7 +157,7 @@ def save(
             "tp": layout.tp_size,
             "pp": layout.pp_size,
             "zero_stage": engine.zero_optimization_stage(),
-            "data": {k: client_state["data"].get(k) for k in ("fingerprint", "seq_len")},
+            "data": {k: v for k, v in client_state["data"].items() if k != "consumed"},
             "time": time.time(),
         }
         _write_atomic(path / COMPLETE, json.dumps(meta))

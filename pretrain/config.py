@@ -112,18 +112,44 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    family: Literal["gpt"] = _f("gpt", "Model family.")
-    n_layers: int = _f(4, "Transformer blocks.")
+    family: Literal["gpt", "bert", "t5"] = _f(
+        "gpt",
+        "Model family: 'gpt' decoder-only causal LM, 'bert' encoder with a masked-LM head, "
+        "'t5' encoder-decoder for span corruption (docs/models.md).",
+    )
+    n_layers: int = _f(4, "Transformer blocks (T5: encoder blocks).")
+    n_decoder_layers: int | None = _f(None, "T5 decoder blocks (null: n_layers).")
     d_model: int = _f(128, "Hidden size.")
-    n_heads: int = _f(4, "Attention heads.")
+    n_heads: int = _f(4, "Attention heads (query heads).")
+    n_kv_heads: int | None = _f(
+        None,
+        "Key/value heads: null or n_heads is multi-head, 1 multi-query, anything between "
+        "grouped-query attention. Must divide n_heads and parallel.tp.",
+    )
     ffn_hidden: int | None = _f(None, "MLP hidden size (null: 4 * d_model).")
     seq_len: int = _f(128, "Tokens per training sequence.")
     vocab_size: int | None = _f(
         None, "Embedding rows (null: the dataset tokenizer's size, padded to vocab_multiple)."
     )
     vocab_multiple: int = _f(64, "Pad the vocabulary to a multiple of this times TP (speed).")
-    positions: Literal["learned", "rope"] = _f("learned", "Learned absolute or rotary positions.")
+    positions: Literal["learned", "sinusoidal", "rope", "relative"] = _f(
+        "learned",
+        "Learned absolute, fixed sinusoidal, rotary, or T5's bucketed relative position bias "
+        "('relative', T5 only).",
+    )
     rope_theta: float = _f(10000.0, "Rotary base frequency.")
+    rel_buckets: int = _f(32, "Buckets of T5's relative position bias.")
+    rel_max_distance: int = _f(
+        128, "Offsets beyond this share the last bucket of T5's relative position bias."
+    )
+    norm: Literal["layernorm", "rmsnorm"] = _f("layernorm", "LayerNorm or RMSNorm (no bias).")
+    norm_position: Literal["pre", "post"] = _f(
+        "pre", "'pre': x + f(norm(x)) (GPT-2, T5, Llama); 'post': norm(x + f(x)) (BERT)."
+    )
+    activation: Literal["gelu", "relu", "swiglu", "geglu"] = _f(
+        "gelu",
+        "MLP activation; swiglu and geglu are gated (three matrices of ffn_hidden columns).",
+    )
     dropout: float = _f(0.0, "Dropout on attention probabilities and residual branches.")
     bias: bool = _f(True, "Biases in linear layers and norms.")
     tie_embeddings: bool = _f(True, "Share the input embedding with the output projection.")
@@ -131,7 +157,7 @@ class ModelConfig:
         0.02,
         "Std of the normal weight init; residual projections are scaled by 1/sqrt(2 * n_layers).",
     )
-    norm_eps: float = _f(1e-5, "LayerNorm epsilon.")
+    norm_eps: float = _f(1e-5, "LayerNorm / RMSNorm epsilon.")
     activation_checkpointing: bool = _f(False, "Recompute each block in the backward pass.")
 
     @property
@@ -141,6 +167,14 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.n_decoder_layers if self.n_decoder_layers is not None else self.n_layers
 
     def validate(self) -> None:
         for name in ("n_layers", "d_model", "n_heads", "seq_len", "vocab_multiple"):
@@ -172,6 +206,46 @@ class ModelConfig:
         _need(self.init_std > 0, "model.init_std", self.init_std, "use a positive std")
         _need(self.norm_eps > 0, "model.norm_eps", self.norm_eps, "use a positive epsilon")
         _need(self.rope_theta > 0, "model.rope_theta", self.rope_theta, "use a positive base")
+        self._validate_heads_and_positions()
+
+    def _validate_heads_and_positions(self) -> None:
+        if self.n_decoder_layers is not None:
+            _need(
+                self.n_decoder_layers >= 1,
+                "model.n_decoder_layers",
+                self.n_decoder_layers,
+                "use an integer >= 1, or null for n_layers",
+            )
+        if self.n_kv_heads is not None:
+            _need(
+                self.n_kv_heads >= 1 and self.n_heads % self.n_kv_heads == 0,
+                "model.n_kv_heads",
+                self.n_kv_heads,
+                f"must divide n_heads={self.n_heads}; valid: "
+                f"{_divisors_near(self.n_heads, self.n_kv_heads)}, or null for n_heads",
+            )
+        _need(
+            (self.positions == "relative") == (self.family == "t5"),
+            "model.positions",
+            self.positions,
+            "T5 uses positions: relative, and only T5 does"
+            if self.family == "t5"
+            else "'relative' is T5's position bias; use learned, sinusoidal or rope",
+        )
+        if self.positions == "relative":
+            _need(
+                self.rel_buckets >= 4 and self.rel_buckets % 2 == 0,
+                "model.rel_buckets",
+                self.rel_buckets,
+                "use an even number >= 4 (the encoder splits buckets by direction)",
+            )
+            _need(
+                self.rel_max_distance > self.rel_buckets // 2,
+                "model.rel_max_distance",
+                self.rel_max_distance,
+                f"must exceed rel_buckets/2={self.rel_buckets // 2} (the exactly bucketed "
+                f"offsets); T5 uses 128",
+            )
 
 
 @dataclass
@@ -183,6 +257,26 @@ class DataConfig:
         "A window holds window * (seq_len + 1) tokens in memory per rank (2 bytes each for "
         "vocabularies up to 65536); a window as large as an epoch shuffles globally.",
     )
+    blend: list[str] = _f(
+        [],
+        "Datasets mixed by weight, as 'WEIGHT PATH' entries, e.g. ['0.7 data/web', "
+        "'0.3 data/code'] (weights are relative); when non-empty it replaces data.path. The "
+        "datasets must share their tokenizer.",
+    )
+    document_mask: bool = _f(
+        False,
+        "Causal objective: also pass doc_ids (each token's document within its sequence) so "
+        "that attention stays inside documents.",
+    )
+    mask_prob: float = _f(
+        0.15,
+        "Masked LM: share of non-special positions chosen for prediction; of those 80% become "
+        "the mask token, 10% a random token, 10% stay.",
+    )
+    noise_density: float = _f(0.15, "Span corruption: share of raw tokens in corrupted spans.")
+    mean_span: float = _f(3.0, "Span corruption: mean length of a corrupted span, in tokens.")
+    num_workers: int = _f(0, "Loader worker processes per rank (0: in the training process).")
+    prefetch: int = _f(2, "Micro-batches each loader worker prepares ahead.")
 
     def validate(self) -> None:
         _need(
@@ -191,6 +285,34 @@ class DataConfig:
             self.shuffle_window,
             "use an integer >= 1 (1 disables shuffling)",
         )
+        for i, entry in enumerate(self.blend):
+            parts = entry.split(maxsplit=1)
+            _need(
+                len(parts) == 2,
+                f"data.blend[{i}]",
+                entry,
+                "use 'WEIGHT PATH', e.g. '0.3 data/code'",
+            )
+            _need(
+                _positive_number(parts[0]),
+                f"data.blend[{i}]",
+                entry,
+                "the weight must be a positive number, e.g. '0.3 data/code'",
+            )
+        for name in ("mask_prob", "noise_density"):
+            value = getattr(self, name)
+            _need(0 < value < 1, f"data.{name}", value, "use a value in (0, 1)")
+        _need(self.mean_span >= 1, "data.mean_span", self.mean_span, "use a length >= 1")
+        _need(self.num_workers >= 0, "data.num_workers", self.num_workers, "use >= 0")
+        _need(self.prefetch >= 1, "data.prefetch", self.prefetch, "use >= 1")
+
+
+def _positive_number(text: str) -> bool:
+    try:
+        value = float(text)
+    except ValueError:
+        return False
+    return math.isfinite(value) and value > 0
 
 
 @dataclass
@@ -242,13 +364,22 @@ class ParallelConfig:
         "(null: micro_batch_size * dp, no accumulation).",
     )
     backend: Literal["auto", "gloo", "nccl"] = _f("auto", "'auto': NCCL on CUDA, else gloo.")
+    sequence_parallel: bool = _f(
+        False,
+        "Shard norms and dropout over the sequence inside each tensor-parallel group "
+        "(megatron's sequence parallelism); seq_len must divide by tp; no effect at tp=1.",
+    )
 
     def validate(self) -> None:
         for name in ("tp", "pp", "micro_batch_size"):
             _need(getattr(self, name) >= 1, f"parallel.{name}", getattr(self, name), "use >= 1")
         # Without pipeline stages a pp > 1 layout would silently train full replicas.
-        _need(self.pp <= 1, "parallel.pp", self.pp,
-              "pipeline parallelism is not built yet; use parallel.pp=1")
+        _need(
+            self.pp <= 1,
+            "parallel.pp",
+            self.pp,
+            "pipeline parallelism is not built yet; use parallel.pp=1",
+        )
         if self.dp is not None:
             _need(self.dp >= 1, "parallel.dp", self.dp, "use >= 1 or null")
         _need(
@@ -366,7 +497,38 @@ class Config:
                 f"must divide by parallel.tp={self.parallel.tp}; nearest "
                 f"valid: {math.ceil(self.model.vocab_size / multiple) * multiple}",
             )
+        self._validate_tensor_parallel()
         return self
+
+    def _validate_tensor_parallel(self) -> None:
+        """Every tensor-parallel rank holds whole heads, whole KV groups and an equal share of
+        the MLP columns; sequence parallelism shards the sequence itself."""
+        m, tp = self.model, self.parallel.tp
+        # TP sizes that split heads, KV groups and MLP columns alike.
+        tps = _divisors_near(math.gcd(m.n_heads, m.kv_heads, m.ffn_size), tp)
+        # (name, value, what else a replacement value must satisfy)
+        for name, value, fits in (
+            ("n_heads", m.n_heads, lambda h: m.d_model % h == 0),
+            ("n_kv_heads", m.kv_heads, lambda h: m.n_heads % h == 0),
+            ("ffn_hidden", m.ffn_size, lambda f: True),
+        ):
+            near = _multiples_near(value, tp, fits)
+            _need(
+                value % tp == 0,
+                f"model.{name}",
+                value,
+                f"must divide by parallel.tp={tp}; "
+                + (f"nearest valid {name}: {near}, or " if near else "")
+                + f"parallel.tp in {tps}",
+            )
+        if self.parallel.sequence_parallel:  # a no-op at tp=1, as in megatron
+            _need(
+                m.seq_len % tp == 0,
+                "model.seq_len",
+                m.seq_len,
+                f"sequence parallelism splits the sequence over parallel.tp={tp} ranks; "
+                f"nearest valid seq_len: {_multiples_near(m.seq_len, tp)}",
+            )
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -396,6 +558,12 @@ def _suggest(name: str, valid: typing.Iterable[str]) -> str:
 def _divisors_near(n: int, k: int) -> list[int]:
     divs = [d for d in range(1, n + 1) if n % d == 0]
     return sorted(sorted(divs, key=lambda d: abs(d - k))[:3])
+
+
+def _multiples_near(n: int, k: int, fits: typing.Callable[[int], bool] = bool) -> list[int]:
+    """Up to two multiples of k nearest to n that also satisfy `fits`."""
+    candidates = [m for m in range(k, 2 * n + k + 1, k) if fits(m)]
+    return sorted(sorted(candidates, key=lambda m: (abs(m - n), m))[:2])
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:

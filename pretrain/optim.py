@@ -14,6 +14,10 @@ from torch import nn
 
 from pretrain.config import OptimConfig
 
+# Position tables are matrices but not weights of a linear map: shrinking them toward zero
+# only blurs positions (learned absolute embeddings, T5's relative-position bias tables).
+POSITION_TABLES = ("pos_embed", "enc_bias", "dec_bias")
+
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices only: biases, norm gains and position tables are left undecayed, as in
@@ -22,7 +26,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 and "pos_embed" not in name else no_decay).append(p)
+        table = any(part in POSITION_TABLES for part in name.split("."))
+        (decay if p.dim() >= 2 and not table else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

@@ -50,20 +50,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+# The training objective each family's batches come from (data_pipeline.objectives).
+OBJECTIVES = {"gpt": "causal", "bert": "mlm", "t5": "span"}
+
+
 def prepare(argv: list[str] | None) -> tuple[Config, Any, Path | None]:
     """Everything that reads user input, with no process group yet. The config is checked
     before torch is even imported, so a typo costs no start-up time."""
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    from data_pipeline.loader import DatasetInfo
+    from data_pipeline.loader import check_data, make_batches
     from pretrain.checkpoint import check_compatible, resolve_resume
 
-    info = DatasetInfo(cfg.data.path)
+    objective = OBJECTIVES[cfg.model.family]
+    L, seed = cfg.model.seq_len, cfg.run.seed
+    info = check_data(cfg.data, L, seed, objective)[0][1]  # a blend shares one tokenizer
     cfg = resolve_vocab(cfg, info.vocab_size)
+    check_data(cfg.data, L, seed, objective, vocab_size=cfg.model.vocab_size)
     dp, _ = cfg.parallel.layout(int(os.environ.get("WORLD_SIZE", 1)))
     resume_from = resolve_resume(cfg.run.resume, cfg.checkpoint_dir)
     if resume_from is not None:
-        check_compatible(resume_from, cfg, info.fingerprint, dp)
+        # The identity (datasets, seed, windows, objective) the run's train loader will have.
+        expected = make_batches(cfg.data, "train", L, seed, 1, objective=objective, num_workers=0)
+        check_compatible(resume_from, cfg, expected.state_dict(), dp)
     return cfg, info, resume_from
 
 
@@ -86,31 +95,59 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(cfg: Config, info: Any, resume_from: Path | None, layout):
     """Build everything for this rank and train; returns the trainer (tests inspect it)."""
-    from data_pipeline.loader import DistributedBatches, PackedSequences
+    from data_pipeline.loader import make_batches
     from pretrain import trainer as T
     from pretrain.distributed import seed_all
     from pretrain.engine import build_engine
+    from pretrain.models import build_model
     from pretrain.models.flops import flops_per_token, param_count
-    from pretrain.models.gpt import GPT
     from pretrain.tracking import Tracker
 
     say = RunLog(cfg.run.run_dir / "train.log" if layout.is_main else None)
     seed_all(cfg.run.seed)  # identical initial weights on every rank
-    model = GPT(cfg.model, layout.tp_group, layout.tp_size).to(layout.device)
+    model = build_model(
+        cfg.model, layout.tp_group, layout.tp_size, cfg.parallel.sequence_parallel
+    ).to(layout.device)
     # Dropout streams: distinct per data-parallel rank, shared inside a tensor-parallel group
     # (whose ranks must drop the same activations of the replicated residual stream).
     seed_all(cfg.run.seed + 1000 * layout.dp_rank + 100 * layout.pp_rank + 1)
     engine, scheduler = build_engine(cfg, layout, model)
 
-    L, mb = cfg.model.seq_len, cfg.parallel.micro_batch_size
-    train_seqs = PackedSequences(info, "train", L, cfg.run.seed, cfg.data.shuffle_window)
-    train_data = DistributedBatches(
-        train_seqs, mb, layout.dp_rank, layout.dp_size, layout.grad_accum
+    L, mb, objective = (
+        cfg.model.seq_len,
+        cfg.parallel.micro_batch_size,
+        OBJECTIVES[cfg.model.family],
+    )
+    vocab = cfg.model.vocab_size
+    train_data = make_batches(
+        cfg.data,
+        "train",
+        L,
+        cfg.run.seed,
+        mb,
+        layout.dp_rank,
+        layout.dp_size,
+        layout.grad_accum,
+        objective,
+        vocab_size=vocab,
     )
     val_data = None
-    if "val" in info.shards and cfg.run.eval_batches:
-        val_seqs = PackedSequences(info, "val", L, cfg.run.seed, 1, shuffle_shards=False)
-        val_data = DistributedBatches(val_seqs, mb, layout.dp_rank, layout.dp_size, 1)
+    if cfg.run.eval_batches and all("val" in i.shards for i in train_data.sequences.infos):
+        # No workers: evaluation rewinds to the start each time and would discard their work.
+        val_data = make_batches(
+            cfg.data,
+            "val",
+            L,
+            cfg.run.seed,
+            mb,
+            layout.dp_rank,
+            layout.dp_size,
+            1,
+            objective,
+            shuffle=False,
+            vocab_size=vocab,
+            num_workers=0,
+        )
 
     tracker = Tracker(cfg, layout.is_main)
     trainer = T.Trainer(cfg, layout, engine, scheduler, train_data, val_data, tracker)
@@ -129,7 +166,8 @@ def run(cfg: Config, info: Any, resume_from: Path | None, layout):
     say(
         f"model: {cfg.model.family} {n_params / 1e6:.2f}M parameters "
         f"({param_count(cfg.model, embeddings=False) / 1e6:.2f}M non-embedding), "
-        f"{flops_per_token(cfg.model) / 1e6:.1f} MFLOP/token"
+        f"{flops_per_token(cfg.model, getattr(train_data.objective, 'dec_len', None)) / 1e6:.1f}"
+        " MFLOP/token"
     )
     say(
         f"layout: world {layout.world_size} = dp {layout.dp_size} x tp {layout.tp_size} x pp "
@@ -137,10 +175,11 @@ def run(cfg: Config, info: Any, resume_from: Path | None, layout):
         f"{layout.device.type}; global batch {train_data.global_batch} x {L} tokens "
         f"(micro {mb}, accumulation {layout.grad_accum})"
     )
-    say(
-        f"data: {info.path} ({train_seqs.per_epoch:,} training sequences per epoch, "
-        f"fingerprint {info.fingerprint[:12]})"
-    )
+    for part in train_data.mixture():
+        say(
+            f"data: {part['path']} (weight {part['weight']:.3g}, {objective} objective, "
+            f"fingerprint {train_data.state_dict()['fingerprint'][:12]})"
+        )
     if resume_from is not None:
         say(f"resumed from {resume_from} at step {start_step}")
 
@@ -165,6 +204,9 @@ def run(cfg: Config, info: Any, resume_from: Path | None, layout):
     if done:
         summarize(trainer, info, say, elapsed, start_step, evals.last, saves.last_path)
     tracker.finish("FINISHED" if done else "KILLED")
+    for loader in (train_data, val_data):
+        if loader is not None:
+            loader.close()
     say.close()
     return trainer
 
@@ -190,13 +232,16 @@ def summarize(
         f"trained {steps} steps in {elapsed:.0f} s "
         f"({steps * trainer.tokens_per_step / max(elapsed, 1e-9):,.0f} tokens/s)"
     )
-    if val:
+    causal = cfg.model.family == "gpt"
+    if val and causal and not cfg.data.blend:
         val_loss = val["val_loss"]
         uni = unigram_loss(info)
         say(
             f"final validation loss {val_loss:.3f} nats/token vs unigram model {uni:.3f} "
             f"({val_loss / uni:.0%} of it)"
         )
+    elif val:  # masked or span targets: a unigram model of the stream is no fair baseline
+        say(f"final validation loss {val['val_loss']:.3f} nats/token")
     if ckpt is not None:
         say(f"checkpoint: {ckpt}")
     if trainer.tracker.active:
@@ -205,7 +250,7 @@ def summarize(
             f"  open the UI with: {Path(sys.executable).parent / 'mlflow'} ui "
             f"--backend-store-uri {trainer.tracker.uri}"
         )
-    if cfg.run.sample_tokens:
+    if cfg.run.sample_tokens and causal:  # T5 samples with `pretrain-generate`
         tok = Tokenizer.load(info.tokenizer_file)
         prompt = tok.encode(cfg.run.sample_prompt) or [info.eos_id]
         out = generate(

@@ -18,7 +18,6 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from data_pipeline.loader import DistributedBatches
 from pretrain import checkpoint
 from pretrain.config import Config
 from pretrain.distributed import Layout, rng_state, set_rng_state
@@ -51,6 +50,21 @@ class TrainState:
         self.mlflow_run_id = state.get("mlflow_run_id")
 
 
+class Batches(Protocol):
+    """What the trainer needs of a loader (data_pipeline.loader.DistributedBatches is one)."""
+
+    global_batch: int  # sequences per optimizer step over all data-parallel ranks
+
+    @property
+    def tokens_per_sequence(self) -> int: ...  # encoder plus decoder tokens for T5
+
+    def next_step(self) -> list[dict[str, torch.Tensor]]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 class Hook(Protocol):
     def after_step(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
 
@@ -63,8 +77,8 @@ class Trainer:
     layout: Layout
     engine: Any
     scheduler: Any
-    train_data: DistributedBatches
-    val_data: DistributedBatches | None
+    train_data: Batches
+    val_data: Batches | None
     tracker: Tracker
     state: TrainState = field(default_factory=TrainState)
     hooks: list[Any] = field(default_factory=list)
@@ -77,7 +91,8 @@ class Trainer:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.train_data.global_batch * self.cfg.model.seq_len
+        """Tokens the model processes per optimizer step: encoder plus decoder for T5."""
+        return self.train_data.global_batch * self.train_data.tokens_per_sequence
 
     # --- the step -------------------------------------------------------------------------
 

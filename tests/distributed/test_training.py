@@ -19,19 +19,14 @@ micro-batch of 2 draws other masks than one of 4).
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import launching
 import pytest
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
-WORKER = ROOT / "tests" / "distributed" / "worker.py"
 COMMON = [
     "run.train_steps=20",
     "run.log_interval=5",
@@ -45,29 +40,10 @@ COMMON = [
 ]
 
 
-def launch(tmp: Path, name: str, data: str, *overrides: str, nproc: int = 2) -> list[dict]:
-    out = tmp / f"{name}.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        str(WORKER),
-        str(out),
-        str(ROOT / "configs/tiny.yaml"),
-        f"data.path={data}",
-        f"run.output_dir={tmp / 'runs'}",
-        f"run.name={name}",
-        *COMMON,
-        *overrides,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    log = proc.stdout + proc.stderr
-    (tmp / f"{name}.log").write_text(log)
-    assert proc.returncode == 0, f"{name} failed:\n{log[-4000:]}"
-    return json.loads(out.read_text())
+def launch(tmp: Path, name: str, data: str, *overrides: str) -> list[dict]:
+    return launching.launch(
+        tmp, name, "configs/tiny.yaml", f"data.path={data}", *COMMON, *overrides
+    )
 
 
 @pytest.fixture(scope="module")

@@ -205,13 +205,14 @@ def test_launch_console_script(tmp_path):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    """A tiny real dataset: five small stdlib modules, a 300-token BPE."""
+    """A tiny real dataset: five small stdlib modules, a 512-token BPE (the smallest vocabulary
+    that holds 256 bytes and 103 special tokens is 359)."""
     from data_pipeline.build import build
     from data_pipeline.sources import stdlib_sources
 
     files = [p for p in stdlib_sources() if p.stat().st_size > 2000][:5]
     out = tmp_path_factory.mktemp("data") / "tiny"
-    build([str(p) for p in files], out, vocab_size=300, progress=False)
+    build([str(p) for p in files], out, vocab_size=512, progress=False)
     return out
 
 

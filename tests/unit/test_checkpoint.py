@@ -21,6 +21,8 @@ from pretrain.config import load_config
 from pretrain.errors import CheckpointError
 
 FINGERPRINT = "f" * 64
+# What the run's train loader reports (its state_dict less the position).
+IDENTITY = {"fingerprint": FINGERPRINT, "seq_len": 32}
 
 
 def fake_checkpoint(ckpt_dir: Path, step: int, complete: bool = True, **meta) -> Path:
@@ -78,7 +80,7 @@ def test_explicit_paths(tmp_path):
 
 
 def test_compatible_checkpoint_passes(tmp_path):
-    check_compatible(fake_checkpoint(tmp_path, 10), cfg(), FINGERPRINT, dp=2)
+    check_compatible(fake_checkpoint(tmp_path, 10), cfg(), IDENTITY, dp=2)
 
 
 @pytest.mark.parametrize(
@@ -95,7 +97,7 @@ def test_compatible_checkpoint_passes(tmp_path):
 def test_incompatible_checkpoint_is_refused(tmp_path, meta, overrides, dp, message):
     path = fake_checkpoint(tmp_path, 10, **meta)
     with pytest.raises(CheckpointError, match=message):
-        check_compatible(path, cfg(*overrides), FINGERPRINT, dp=dp)
+        check_compatible(path, cfg(*overrides), IDENTITY, dp=dp)
 
 
 @pytest.mark.parametrize(
@@ -108,7 +110,7 @@ def test_incompatible_checkpoint_is_refused(tmp_path, meta, overrides, dp, messa
 )
 def test_excluding_the_part_allows_the_change(tmp_path, meta, exclude, dp):
     path = fake_checkpoint(tmp_path, 10, **meta)
-    check_compatible(path, cfg(f"checkpoint.exclude_from_loading={exclude}"), FINGERPRINT, dp)
+    check_compatible(path, cfg(f"checkpoint.exclude_from_loading={exclude}"), IDENTITY, dp)
 
 
 def test_prune_keeps_the_newest_and_drops_stale_partial_saves(tmp_path):

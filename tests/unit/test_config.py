@@ -298,8 +298,64 @@ VALIDATE_CASES = [
     ov("model.init_std", ["model.init_std=0"], "model.init_std", 0.0, "positive"),
     ov("model.norm_eps", ["model.norm_eps=0"], "model.norm_eps", 0.0, "positive"),
     ov("model.rope_theta", ["model.rope_theta=-1"], "model.rope_theta", -1.0, "positive"),
+    ov(
+        "model.n_decoder_layers",
+        ["model.n_decoder_layers=0"],
+        "model.n_decoder_layers",
+        0,
+        ">= 1, or null",
+    ),
+    ov(
+        "model.n_kv_heads-divides",
+        ["model.n_heads=4", "model.n_kv_heads=3"],
+        "model.n_kv_heads",
+        3,
+        "must divide n_heads=4; valid: [1, 2, 4]",
+    ),
+    ov("model.n_kv_heads-zero", ["model.n_kv_heads=0"], "model.n_kv_heads", 0, "must divide"),
+    ov(
+        "model.positions-relative-not-t5",
+        ["model.positions=relative"],
+        "model.positions",
+        "relative",
+        "T5's position bias",
+    ),
+    ov(
+        "model.positions-t5-not-relative",
+        ["model.family=t5", "model.positions=rope"],
+        "model.positions",
+        "rope",
+        "T5 uses positions: relative",
+    ),
+    ov(
+        "model.rel_buckets",
+        ["model.family=t5", "model.positions=relative", "model.rel_buckets=7"],
+        "model.rel_buckets",
+        7,
+        "even number >= 4",
+    ),
+    ov(
+        "model.rel_max_distance",
+        ["model.family=t5", "model.positions=relative", "model.rel_max_distance=16"],
+        "model.rel_max_distance",
+        16,
+        "must exceed rel_buckets/2=16",
+    ),
     # data
     ov("data.shuffle_window", ["data.shuffle_window=0"], "data.shuffle_window", 0, ">= 1"),
+    ov("data.blend-no-path", ["data.blend=['0.5']"], "data.blend[0]", "0.5", "'WEIGHT PATH'"),
+    ov(
+        "data.blend-weight",
+        ["data.blend=['1 a', '-2 b']"],
+        "data.blend[1]",
+        "-2 b",
+        "positive number",
+    ),
+    ov("data.mask_prob", ["data.mask_prob=0"], "data.mask_prob", 0.0, "(0, 1)"),
+    ov("data.noise_density", ["data.noise_density=1"], "data.noise_density", 1.0, "(0, 1)"),
+    ov("data.mean_span", ["data.mean_span=0.5"], "data.mean_span", 0.5, ">= 1"),
+    ov("data.num_workers", ["data.num_workers=-1"], "data.num_workers", -1, ">= 0"),
+    ov("data.prefetch", ["data.prefetch=0"], "data.prefetch", 0, ">= 1"),
     # optim
     ov("optim.lr", ["optim.lr=0"], "optim.lr", 0.0, "positive"),
     ov(
@@ -370,6 +426,34 @@ VALIDATE_CASES = [
         "model.vocab_size",
         1001,
         "must divide by parallel.tp=2",
+    ),
+    ov(
+        "n_heads-not-divisible-by-tp",
+        ["model.d_model=96", "model.n_heads=6", "parallel.tp=4"],
+        "model.n_heads",
+        6,
+        "must divide by parallel.tp=4; nearest valid n_heads: [4, 8], or parallel.tp in",
+    ),
+    ov(
+        "n_kv_heads-not-divisible-by-tp",
+        ["model.n_heads=8", "model.n_kv_heads=2", "parallel.tp=4"],
+        "model.n_kv_heads",
+        2,
+        "nearest valid n_kv_heads: [4, 8], or parallel.tp in [1, 2]",
+    ),
+    ov(
+        "ffn_hidden-not-divisible-by-tp",
+        ["model.ffn_hidden=100", "parallel.tp=8", "model.n_heads=8"],
+        "model.ffn_hidden",
+        100,
+        "nearest valid ffn_hidden: [96, 104]",
+    ),
+    ov(
+        "seq_len-not-divisible-for-sequence-parallel",
+        ["model.seq_len=30", "parallel.tp=4", "parallel.sequence_parallel=true"],
+        "model.seq_len",
+        30,
+        "nearest valid seq_len: [28, 32]",
     ),
 ]
 
@@ -532,6 +616,29 @@ def test_vocab_tp_error_suggests_a_valid_size():
     suggested = int(found.group(1))
     assert suggested >= 1001
     load_config(None, [f"model.vocab_size={suggested}", "parallel.tp=4"])  # accepted
+
+
+@pytest.mark.parametrize(
+    "field, overrides",
+    [
+        ("n_heads", ["model.d_model=96", "model.n_heads=6", "parallel.tp=4"]),
+        ("n_kv_heads", ["model.n_heads=8", "model.n_kv_heads=2", "parallel.tp=4"]),
+        ("ffn_hidden", ["model.ffn_hidden=100", "model.n_heads=8", "parallel.tp=8"]),
+    ],
+)
+def test_tp_errors_suggest_valid_values(field, overrides):
+    """Each suggested value, and each suggested TP size, passes validation."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    found = re.search(
+        rf"nearest valid {field}: \[([\d, ]+)\], or parallel.tp in \[([\d, ]+)\]", str(info.value)
+    )
+    assert found, str(info.value)
+    for value in (int(x) for x in found.group(1).split(",")):
+        load_config(None, [*overrides, f"model.{field}={value}"])
+    for tp in (int(x) for x in found.group(2).split(",")):
+        cfg = load_config(None, [*overrides[:-1], f"parallel.tp={tp}"])
+        assert getattr(cfg.model, field if field != "n_kv_heads" else "kv_heads") % tp == 0
 
 
 def test_no_suggestion_when_nothing_is_close():

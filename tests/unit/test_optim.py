@@ -79,3 +79,17 @@ def test_param_groups_decay_only_matrices(world1):
     assert "pos_embed.weight" in undecayed
     assert any("bias" in n for n in undecayed) and any("ln_" in n for n in undecayed)
     assert "embed.weight" in decayed
+
+
+def test_t5_position_bias_tables_are_not_decayed(world1):
+    from pretrain.config import load_config, resolve_vocab
+    from pretrain.models import build_model
+
+    cfg = resolve_vocab(load_config("configs/tiny_t5.yaml"), 300).model
+    model = build_model(cfg, world1)
+    decay, no_decay = param_groups(model, weight_decay=0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    undecayed = {names[id(p)] for p in no_decay["params"]}
+    tables = {n for n in names.values() if n.startswith(("enc_bias.", "dec_bias."))}
+    assert tables and tables <= undecayed  # 2-D, yet position tables, not linear maps
+    assert any(names[id(p)].startswith("encoder") for p in decay["params"])
