@@ -53,7 +53,7 @@ def render(cmd: list[str]) -> str:
 def check_data(cfg: Config) -> None:
     """A missing dataset, found before any rank starts (a file check, no torch)."""
     blend = getattr(cfg.data, "blend", None) or []
-    paths = [entry.split()[-1] for entry in blend] or [cfg.data.path]
+    paths = [entry.split(maxsplit=1)[-1] for entry in blend] or [cfg.data.path]
     for path in paths:
         if not (Path(path) / "dataset.json").is_file():
             raise ConfigError(

@@ -196,6 +196,7 @@ def run(cfg: Config, info: Any, resume_from: Path | None, layout):
     trainer.fit()
     elapsed = time.perf_counter() - t0
     done = trainer.state.step >= cfg.run.train_steps
+    report_mixture(trainer, say)
     if trainer.stop_reason and not done:
         say(
             f"stopped at step {trainer.state.step}: {trainer.stop_reason}; continue with "
@@ -209,6 +210,21 @@ def run(cfg: Config, info: Any, resume_from: Path | None, layout):
             loader.close()
     say.close()
     return trainer
+
+
+def report_mixture(trainer, say) -> None:
+    """For a blend, the mixture realised so far against the weights asked for, printed and
+    recorded in MLflow (a blend's schedule keeps each share within a few sequences)."""
+    parts = trainer.train_data.mixture()
+    if len(parts) < 2:
+        return
+    for i, part in enumerate(parts):
+        consumed = trainer.train_data.consumed
+        say(
+            f"data mixture: {part['path']}: {part['fraction']:.2%} of {consumed:,} sequences "
+            f"(weight {part['weight']:.2%}), {part['epochs']:.2f} epochs"
+        )
+        trainer.tracker.log({f"data_fraction_{i}": part["fraction"]}, trainer.state.step)
 
 
 def summarize(

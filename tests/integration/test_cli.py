@@ -5,7 +5,9 @@ missing checkpoint with exit code 2 and one line on stderr, before creating anyt
 from __future__ import annotations
 
 import os
+import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -293,3 +295,24 @@ def test_train_error_printed_by_rank_0_only(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr == "" and proc.stdout == ""
     assert not (tmp_path / "runs").exists()
+
+
+def test_blended_run_reports_the_realised_mixture(dataset, tmp_path):
+    """A blend of two datasets trains, and the end of the run states the realised share of each
+    next to its weight (the schedule's exactness is proven in tests/unit/test_blend.py)."""
+    other = tmp_path / "copy of dataset"  # a second path, same tokenizer; a space in the name
+    shutil.copytree(dataset, other)
+    blend = f'data.blend=["3 {dataset}", "1 {other}"]'
+    proc = train(
+        TINY,
+        blend,
+        "run.train_steps=25",
+        "run.eval_batches=0",
+        "tracking.enabled=false",
+        f"run.output_dir={tmp_path / 'runs'}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("data mixture:")]
+    assert len(lines) == 2 and str(other) in lines[1]
+    shares = [float(re.search(r": ([\d.]+)% of 100 sequences", line).group(1)) for line in lines]
+    assert shares == pytest.approx([75.0, 25.0], abs=2.0)
