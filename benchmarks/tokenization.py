@@ -8,7 +8,7 @@ A BPE tokenizer is trained on it first (not timed), or --tokenizer gives one. Th
   processes -> id arrays back in order), in MB of UTF-8 text per second, median of the rounds;
 - build: one whole `build` with the tokenizer given (read, encode, write shards, hash), seconds.
 
-usage: python benchmarks/tokenize.py [--workers N] [--rounds R] [--tokenizer FILE|bytes]
+usage: python benchmarks/tokenization.py [--workers N] [--rounds R] [--tokenizer FILE|bytes]
 Prints a Markdown table row for docs/benchmarks.md.
 """
 
