@@ -21,7 +21,7 @@ from pretrain.config import ModelConfig
 from pretrain.models.collectives import gather_last_dim, gather_sequence
 from pretrain.models.layers import (
     Block,
-    TensorParallel,
+    ParallelModel,
     add_positions,
     attach_positions,
     attention_mask,
@@ -36,7 +36,7 @@ from pretrain.models.layers import (
 )
 
 
-class GPT(nn.Module):
+class GPT(ParallelModel):
     def __init__(
         self,
         cfg: ModelConfig,
@@ -44,10 +44,8 @@ class GPT(nn.Module):
         tp_size: int = 1,
         sequence_parallel: bool = False,
     ):
-        super().__init__()
-        self.cfg = cfg
-        self.tp_group = tp_group
-        self.tpc = tpc = TensorParallel.build(tp_group, tp_size, sequence_parallel)
+        super().__init__(cfg, tp_group, tp_size, sequence_parallel)
+        tpc = self.tpc
         self.embed = token_embedding(cfg, tpc)
         rotary = attach_positions(self, cfg, tpc)
         self.drop = nn.Dropout(cfg.dropout)

@@ -223,6 +223,23 @@ def learned_positions(cfg: ModelConfig, tpc: TensorParallel) -> nn.Embedding | N
     return table
 
 
+class ParallelModel(nn.Module):
+    """Base of the model families: the config and this rank's tensor-parallel context, taken
+    the same way by every family so `build_model` can construct any of them."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        tp_group: Any,
+        tp_size: int = 1,
+        sequence_parallel: bool = False,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.tp_group = tp_group
+        self.tpc = TensorParallel.build(tp_group, tp_size, sequence_parallel)
+
+
 def attach_positions(model: nn.Module, cfg: ModelConfig, tpc: TensorParallel):
     """Give a GPT or BERT its absolute positions: the learned table `pos_embed` (None for other
     schemes) and, for sinusoidal positions, the fixed buffer `pos_table` (not persistent: it is

@@ -26,8 +26,8 @@ from pretrain.config import ModelConfig
 from pretrain.models.collectives import gather_last_dim, gather_sequence
 from pretrain.models.layers import (
     Block,
+    ParallelModel,
     RelativePositionBias,
-    TensorParallel,
     attention_mask,
     build_norm,
     column_linear,
@@ -49,7 +49,7 @@ class EncoderOutput:
     padding_mask_BS: torch.Tensor | None
 
 
-class T5(nn.Module):
+class T5(ParallelModel):
     def __init__(
         self,
         cfg: ModelConfig,
@@ -57,10 +57,8 @@ class T5(nn.Module):
         tp_size: int = 1,
         sequence_parallel: bool = False,
     ):
-        super().__init__()
-        self.cfg = cfg
-        self.tp_group = tp_group
-        self.tpc = tpc = TensorParallel.build(tp_group, tp_size, sequence_parallel)
+        super().__init__(cfg, tp_group, tp_size, sequence_parallel)
+        tpc = self.tpc
         # T5's init: embeddings N(0, 1), which the d_model**-0.5 of the tied output brings
         # back to unit-scale logits; an untied head gets fan-in scaling to the same effect.
         self.embed = token_embedding(cfg, tpc, std=1.0)
