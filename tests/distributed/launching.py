@@ -1,5 +1,4 @@
-"""Launch the training worker under torchrun and read back its JSON record (shared by the
-distributed training tests)."""
+"""Run scripts under torchrun for the distributed tests, and the training worker's launch."""
 
 from __future__ import annotations
 
@@ -13,25 +12,28 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "tests" / "distributed" / "worker.py"
 
 
-def launch(tmp: Path, name: str, config: str, *overrides: str, nproc: int = 2) -> list[dict]:
-    """Train `config` with `overrides` as run `name` under tmp/runs; one record per rank."""
-    out = tmp / f"{name}.json"
+def torchrun(script: Path, args: list[str], nproc: int, log: Path, timeout: int = 600) -> None:
+    """Run `script args` as `nproc` ranks (gloo, one thread each); the output goes to `log`,
+    and a failed launch fails the test with the end of it."""
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         f"--nproc-per-node={nproc}",
-        str(WORKER),
-        str(out),
-        str(ROOT / config),
-        f"run.output_dir={tmp / 'runs'}",
-        f"run.name={name}",
-        *overrides,
+        str(script),
+        *args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    log = proc.stdout + proc.stderr
-    (tmp / f"{name}.log").write_text(log)
-    assert proc.returncode == 0, f"{name} failed:\n{log[-4000:]}"
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    text = proc.stdout + proc.stderr
+    log.write_text(text)
+    assert proc.returncode == 0, f"{log.stem} failed:\n{text[-6000:]}"
+
+
+def launch(tmp: Path, name: str, config: str, *overrides: str, nproc: int = 2) -> list[dict]:
+    """Train `config` with `overrides` as run `name` under tmp/runs; one record per rank."""
+    out = tmp / f"{name}.json"
+    args = [str(out), str(ROOT / config), f"run.output_dir={tmp / 'runs'}", f"run.name={name}"]
+    torchrun(WORKER, [*args, *overrides], nproc, tmp / f"{name}.log")
     return json.loads(out.read_text())

@@ -24,13 +24,11 @@ gradient check must fail on the no_dgrad_reduce run while its step-1 loss still 
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 import time
 import typing
 from pathlib import Path
 
+import launching
 import pytest
 from tp_cases import (
     BASE,
@@ -45,8 +43,7 @@ from tp_cases import (
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
-WORKER = ROOT / "tests" / "distributed" / "tp_worker.py"
+WORKER = Path(__file__).resolve().parent / "tp_worker.py"
 
 LOSS_RTOL_STEP1 = 1e-5
 LOSS_RTOL_STEPS = 1e-4
@@ -85,24 +82,9 @@ def skip_reason(case: str, variant: str) -> str | None:
 
 def launch(out: Path, nproc: int, specs: list[str]) -> float:
     """Run the worker under torchrun; returns the launch's wall time in seconds."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        str(WORKER),
-        str(out),
-        *specs,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    seconds = time.perf_counter() - t0
-    log = proc.stdout + proc.stderr
-    (out / f"launch_tp{nproc}.log").write_text(log)
-    assert proc.returncode == 0, f"TP={nproc} launch failed:\n{log[-6000:]}"
-    return seconds
+    launching.torchrun(WORKER, [str(out), *specs], nproc, out / f"launch_tp{nproc}.log", 900)
+    return time.perf_counter() - t0
 
 
 @pytest.fixture(scope="module")
