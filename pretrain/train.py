@@ -59,12 +59,12 @@ def prepare(argv: list[str] | None) -> tuple[Config, Any, Path | None]:
     before torch is even imported, so a typo costs no start-up time."""
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    from data_pipeline.loader import check_data, make_batches
+    from data_pipeline.loader import check_data, make_batches, open_datasets
     from pretrain.checkpoint import check_compatible, resolve_resume
 
     objective = OBJECTIVES[cfg.model.family]
     L, seed = cfg.model.seq_len, cfg.run.seed
-    info = check_data(cfg.data, L, seed, objective)[0][1]  # a blend shares one tokenizer
+    info = open_datasets(cfg.data.path, cfg.data.blend)[0][1]  # a blend shares one tokenizer
     cfg = resolve_vocab(cfg, info.vocab_size)
     check_data(cfg.data, L, seed, objective, vocab_size=cfg.model.vocab_size)
     dp, _ = cfg.parallel.layout(int(os.environ.get("WORLD_SIZE", 1)))
