@@ -65,7 +65,11 @@ class RunConfig:
         None, "Save a checkpoint and exit once this launch has run this long (Slurm time limits)."
     )
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "'auto' uses CUDA when present.")
-    precision: Literal["fp32", "bf16"] = _f("fp32", "bf16 mixed precision through DeepSpeed.")
+    precision: Literal["fp32", "bf16"] = _f(
+        "fp32",
+        "bf16 mixed precision through DeepSpeed: bf16 weights and activations, fp32 master "
+        "weights, gradient accumulation and reduction (needs parallel.zero_stage >= 1).",
+    )
     sample_prompt: str = _f("", "Prompt for a sample generated at the end of training.")
     sample_tokens: int = _f(0, "Tokens to sample at the end of training (0: none).")
 
@@ -158,7 +162,18 @@ class ModelConfig:
         "Std of the normal weight init; residual projections are scaled by 1/sqrt(2 * n_layers).",
     )
     norm_eps: float = _f(1e-5, "LayerNorm / RMSNorm epsilon.")
-    activation_checkpointing: bool = _f(False, "Recompute each block in the backward pass.")
+    recompute: Literal["none", "full", "selective"] = _f(
+        "none",
+        "Activation recomputation in the backward pass: 'none' keeps every activation; 'full' "
+        "stores only a block's input and recomputes the whole block; 'selective' recomputes "
+        "only the attention core (q, k, v -> softmax and dropout -> o), whose [b, h, s, s] "
+        "probabilities are the largest activation (Megatron's selective recompute).",
+    )
+    recompute_interval: int = _f(
+        1,
+        "With recompute full or selective: recompute the blocks whose index (0-based, counted "
+        "per stack) % recompute_interval == 0, i.e. blocks 0, N, 2N, ... (1: every block).",
+    )
 
     @property
     def ffn_size(self) -> int:
@@ -203,6 +218,19 @@ class ModelConfig:
         if self.vocab_size is not None:
             _need(self.vocab_size >= 2, "model.vocab_size", self.vocab_size, "use >= 2 or null")
         _need(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "use a value in [0, 1)")
+        _need(
+            self.recompute_interval >= 1,
+            "model.recompute_interval",
+            self.recompute_interval,
+            "use an integer >= 1 (1 recomputes every block)",
+        )
+        _need(
+            self.recompute != "none" or self.recompute_interval == 1,
+            "model.recompute_interval",
+            self.recompute_interval,
+            "has no effect with model.recompute=none; set model.recompute=full or selective, "
+            "or leave recompute_interval at 1",
+        )
         _need(self.init_std > 0, "model.init_std", self.init_std, "use a positive std")
         _need(self.norm_eps > 0, "model.norm_eps", self.norm_eps, "use a positive epsilon")
         _need(self.rope_theta > 0, "model.rope_theta", self.rope_theta, "use a positive base")
@@ -369,16 +397,25 @@ class ParallelConfig:
         "Shard norms and dropout over the sequence inside each tensor-parallel group "
         "(megatron's sequence parallelism); seq_len must divide by tp; no effect at tp=1.",
     )
+    pipeline_partition: Literal["parameters", "uniform"] = _f(
+        "parameters",
+        "How pipeline stages split the model (pp > 1): 'parameters' balances parameter counts "
+        "(the embedding counts), 'uniform' gives every stage the same number of transformer "
+        "blocks (they must divide by pp).",
+    )
 
     def validate(self) -> None:
         for name in ("tp", "pp", "micro_batch_size"):
             _need(getattr(self, name) >= 1, f"parallel.{name}", getattr(self, name), "use >= 1")
-        # Without pipeline stages a pp > 1 layout would silently train full replicas.
+        # DeepSpeed's pipeline engine supports ZeRO-1 only: ZeRO-2 and 3 partition the
+        # gradients and weights its 1F1B schedule keeps whole across micro-batches.
         _need(
-            self.pp <= 1,
-            "parallel.pp",
-            self.pp,
-            "pipeline parallelism is not built yet; use parallel.pp=1",
+            self.pp == 1 or self.zero_stage <= 1,
+            "parallel.zero_stage",
+            self.zero_stage,
+            f"ZeRO-2 and ZeRO-3 do not work with pipeline parallelism (parallel.pp={self.pp}): "
+            f"use parallel.zero_stage=1 (optimizer state sharded over data parallelism), or "
+            f"parallel.pp=1 with ZeRO-2/3",
         )
         if self.dp is not None:
             _need(self.dp >= 1, "parallel.dp", self.dp, "use >= 1 or null")
@@ -497,8 +534,46 @@ class Config:
                 f"must divide by parallel.tp={self.parallel.tp}; nearest "
                 f"valid: {math.ceil(self.model.vocab_size / multiple) * multiple}",
             )
+        # DeepSpeed 0.19.8 without ZeRO runs bf16 through its fp16-style optimizer, which sums
+        # micro-batch gradients and all-reduces them in bf16, and it rejects fp32 accumulation
+        # there; ZeRO-1 has the same per-rank parameter and gradient memory and accumulates in
+        # fp32 (BF16_Optimizer). pretrain.engine sets the fp32 dtypes for stages 1-3.
+        _need(
+            self.run.precision != "bf16" or self.parallel.zero_stage >= 1,
+            "parallel.zero_stage",
+            self.parallel.zero_stage,
+            "run.precision=bf16 needs ZeRO stage 1, 2 or 3 for fp32 gradient accumulation and "
+            "reduction (stage 0 would sum gradients in bf16); set parallel.zero_stage=1, or "
+            "run.precision=fp32",
+        )
         self._validate_tensor_parallel()
+        self._validate_pipeline()
         return self
+
+    def _validate_pipeline(self) -> None:
+        """Every pipeline stage needs at least one transformer block; 'uniform' partitioning
+        gives each the same number."""
+        m, p = self.model, self.parallel
+        if p.pp == 1:
+            return
+        blocks = m.n_layers + (m.decoder_layers if m.family == "t5" else 0)
+        what = "n_layers + decoder layers" if m.family == "t5" else "n_layers"
+        _need(
+            blocks >= p.pp,
+            "parallel.pp",
+            p.pp,
+            f"{p.pp} pipeline stages need at least as many transformer blocks; the model has "
+            f"{blocks} ({what}): use parallel.pp <= {blocks} or more layers",
+        )
+        if p.pipeline_partition == "uniform":
+            _need(
+                blocks % p.pp == 0,
+                "parallel.pp",
+                p.pp,
+                f"parallel.pipeline_partition=uniform needs the {blocks} transformer blocks "
+                f"({what}) to divide by pp: use pp in {_divisors_near(blocks, p.pp)}, or "
+                f"pipeline_partition=parameters",
+            )
 
     def _validate_tensor_parallel(self) -> None:
         """Every tensor-parallel rank holds whole heads, whole KV groups and an equal share of

@@ -36,29 +36,242 @@ def deepspeed_config(cfg: Config, layout: Layout) -> dict[str, Any]:
         },
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "bf16": {"enabled": cfg.run.precision == "bf16"},
+        # Gradients are summed over micro-batches and reduced over DP ranks in fp32 even under
+        # bf16: DeepSpeed's default for both is the model dtype, and a bf16 running sum loses
+        # the low bits of every later micro-batch (ZeRO-1 then runs BF16_Optimizer; ZeRO-2/3
+        # keep fp32 gradient partitions). bf16 at ZeRO-0 cannot do this (config.py refuses it).
+        "data_types": {"grad_accum_dtype": "fp32"},
+        "communication_data_type": "fp32",
         # Our trainer prints its own progress; DeepSpeed's periodic prints would interleave.
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        # Pipeline stages send whole activations and gradients to the same TP rank of the next
+        # stage. DeepSpeed's default (with TP > 1) sends each TP rank 1/tp of the first tensor
+        # and all-gathers it over the TP group, which assumes that tensor is the same on every
+        # TP rank: under sequence parallelism each rank holds its own sequence shard, so the
+        # gathered activation would be wrong; and it hands a one-tensor tuple to the next stage
+        # as a bare tensor, which GPT's blocks would unpack row by row.
+        "pipeline": {"pipe_partitioned": False, "grad_partitioned": False},
     }
     if cfg.parallel.zero_stage == 3:
         # Gather a layer's full weights only while it runs; small models need no prefetching.
-        ds["zero_optimization"].update(stage3_param_persistence_threshold=0)
+        # memory_efficient_linear would make zero.Init swap torch.nn.functional.linear for
+        # DeepSpeed's own autograd function (process-wide); the plain one computes the same
+        # numbers as the other stages and ZeRO-3 gathers the tied head's weight on access.
+        # The gradient reduction bucket is allocated whole at start-up (DeepSpeed's default is
+        # 5e8 elements: 2 GB per rank in fp32); d_model^2 elements is the size Hugging Face's
+        # integration picks, and enough to batch a layer's gradients into one reduce-scatter.
+        ds["zero_optimization"].update(
+            stage3_param_persistence_threshold=0,
+            memory_efficient_linear=False,
+            reduce_bucket_size=max(cfg.model.d_model**2, 2**20),
+        )
     return ds
 
 
-def build_engine(cfg: Config, layout: Layout, model: nn.Module):
-    """(engine, lr_scheduler) for a model whose weights are identical on every DP rank."""
-    import deepspeed
+def build_model_for(cfg: Config, layout: Layout) -> nn.Module:
+    """This rank's model, constructed the way its ZeRO stage needs: whole and on the device for
+    stages 0-2, partitioned as it is built for ZeRO-3 (each module's parameters are sharded over
+    the data-parallel group as soon as its __init__ returns, so no rank ever holds all weights).
+    Seed the RNG first: the initial weights are the same numbers either way."""
+    from pretrain.models import build_model
 
-    engine, _, _, scheduler = deepspeed.initialize(
+    def build() -> nn.Module:
+        return build_model(
+            cfg.model, layout.tp_group, layout.tp_size, cfg.parallel.sequence_parallel
+        )
+
+    if layout.pp_size > 1:  # this rank's pipeline stage only (ZeRO-3 is refused with PP)
+        return build_stage(cfg, layout).to(layout.device)
+    if cfg.parallel.zero_stage != 3:
+        return build().to(layout.device)
+    with partitioned_init(cfg, layout):
+        model = build()
+    # Buffers (rotary tables, sinusoidal positions) are not partitioned and were built on the
+    # CPU; the engine does not move a model built under zero.Init.
+    for module in model.modules():
+        for name, buf in module.named_buffers(recurse=False):
+            module._buffers[name] = buf.to(layout.device)
+    return model
+
+
+def build_stage(cfg: Config, layout: Layout) -> nn.Module:
+    """This rank's stage of the model as a DeepSpeed PipelineModule. The init seed is drawn from
+    the global generator exactly as the one-process model draws it, so both start alike."""
+    from pretrain.models.layers import draw_model_seed
+    from pretrain.models.pipeline import build_pipeline
+
+    return build_pipeline(
+        cfg.model,
+        layout,
+        draw_model_seed(),
+        cfg.parallel.sequence_parallel,
+        cfg.parallel.pipeline_partition,
+    )
+
+
+def partitioned_init(cfg: Config, layout: Layout):
+    """The deepspeed.zero.Init context ZeRO-3 models are built in (see build_model_for)."""
+    import deepspeed
+    import torch
+    from deepspeed.runtime.zero.partition_parameters import is_zero_param
+
+    class PartitionedInit(deepspeed.zero.Init):
+        """deepspeed.zero.Init that builds exactly like the unsharded path: every tensor is
+        created in fp32 on the CPU (no constructor patching: under bf16 DeepSpeed would create
+        `torch.empty`/`torch.arange` in bf16 and on the accelerator, so megatron's fp32 master
+        weights and the rotary tables would be drawn and computed differently), and each
+        module's own parameters are cast to the model dtype just before they are partitioned,
+        which is what the engine does to an unsharded model."""
+
+        def __init__(self, param_dtype: torch.dtype):
+            self.param_dtype = param_dtype
+            super().__init__(
+                config_dict_or_path=deepspeed_config(cfg, layout),
+                # The DP group: with TP > 1 the default (the world) would partition, and
+                # broadcast from rank 0, across tensor-parallel shards that differ.
+                data_parallel_group=layout.dp_group,
+                mpu=DeepSpeedMPU(layout),
+                dtype=torch.float32,
+                tensor_overrides=[],
+            )
+
+        def _post_init_method(self, module: nn.Module) -> None:
+            for _, p in module.named_parameters(recurse=False):
+                if not is_zero_param(p) and p.dtype != self.param_dtype:
+                    p.data = p.data.to(self.param_dtype)
+            super()._post_init_method(module)
+            release_freed_memory()
+
+    return PartitionedInit(torch.bfloat16 if cfg.run.precision == "bf16" else torch.float32)
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the system (glibc's malloc_trim; elsewhere a no-op).
+
+    Each module built under zero.Init allocates its full weights (and megatron's master copy),
+    then keeps a 1/dp partition allocated after them and frees the full ones. glibc raises its
+    mmap threshold as large blocks are freed, so later modules come from the heap, and the freed
+    full-size blocks stay resident between live partitions: measured on a 116M-parameter GPT at
+    dp=2, the construction's peak RSS grew 808 MiB under ZeRO-3 against 706 MiB for the whole
+    model, while the live heap grew 223 against 445 MiB. Trimming after each module keeps the
+    resident set at what is live (benchmarks/memory.py, docs/benchmarks.md)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is not None:
+        trim(0)
+
+
+def build_engine(cfg: Config, layout: Layout, model: nn.Module):
+    """(engine, lr_scheduler) for a model whose weights are identical on every DP rank: a
+    DeepSpeedEngine, or for a PipelineModule our PipelineEngine (pipeline_engine)."""
+    import deepspeed
+    from deepspeed.pipe import PipelineModule
+
+    kwargs = dict(
         model=model,
         model_parameters=param_groups(model, cfg.optim.weight_decay),
         config=deepspeed_config(cfg, layout),
         lr_scheduler=build_scheduler(cfg.optim, cfg.run.train_steps),
-        mpu=DeepSpeedMPU(layout),
         dist_init_required=False,
     )
+    if isinstance(model, PipelineModule):
+        return pipeline_engine(layout, **kwargs)
+    engine, _, _, scheduler = deepspeed.initialize(mpu=DeepSpeedMPU(layout), **kwargs)
     return engine, scheduler
+
+
+def pipeline_engine(layout: Layout, **kwargs: Any):
+    """DeepSpeed's PipelineEngine with the gradient norm of the whole pipeline.
+
+    Without ZeRO, in fp32, DeepSpeed clips each stage with a norm that counts the gradients of
+    replicated parameters on the first rank of the pipeline's model-parallel group only
+    (deepspeed.runtime.utils.clip_grad_norm_ with the pipe grid as `mpu`), so PP=2 trains
+    differently from PP=1 (measured: clip factor 0.2333 instead of 0.2209). This subclass
+    computes the norm over every stage and TP rank (pipeline_grad_norm), clips with it and
+    records it, before DeepSpeed's optimizer step; ZeRO-1 and bf16 have their own, right,
+    norm. It is constructed as `deepspeed.initialize` constructs a PipelineEngine."""
+    from deepspeed import set_optimizer_flags
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.pipe import schedule
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+    from deepspeed.runtime.zero import partition_parameters
+
+    class Pipeline(PipelineEngine):
+        def _own_norm(self) -> bool:
+            return not (self.zero_optimization() or self.bfloat16_enabled())
+
+        def _exec_optimizer_step(self, lr_kwargs=None):
+            for hook in self.before_optimizer_step:
+                hook(self)
+            if self._own_norm():
+                norm = pipeline_grad_norm(self.module, layout, self.grid)
+                self._global_grad_norm = norm
+                limit = self.gradient_clipping()
+                if limit > 0:  # the factor of DeepSpeed's clip_grad_norm_, so PP=1 agrees
+                    coef = min(1.0, limit / (norm + 1e-6))
+                    for p in self.module.parameters():
+                        if p.grad is not None:
+                            p.grad.mul_(coef)
+            super()._exec_optimizer_step(lr_kwargs)
+
+        def clip_fp32_gradients(self):
+            if not self._own_norm():  # never reached: DeepSpeed calls it only without ZeRO
+                super().clip_fp32_gradients()
+
+        # The schedule runs instructions through this class-level table of functions, not
+        # through attribute lookup, so the override must be entered here.
+        _INSTRUCTION_MAP = {
+            **PipelineEngine._INSTRUCTION_MAP,
+            schedule.OptimizerStep: _exec_optimizer_step,
+        }
+
+    mpu = kwargs["model"].mpu()
+    config_class = DeepSpeedConfig(kwargs["config"], mpu)
+    set_optimizer_flags(config_class, kwargs["model"])
+    engine = Pipeline(
+        args=None,
+        optimizer=None,
+        training_data=None,
+        mpu=mpu,
+        collate_fn=None,
+        config_class=config_class,
+        **kwargs,
+    )
+    partition_parameters.restore_init_context()
+    # Callables run with the engine once a step's gradients are complete (reduced over DP and
+    # the tied copies, not yet clipped): for tools and tests that read a step's gradients.
+    engine.before_optimizer_step = []
+    return engine, engine.lr_scheduler
+
+
+def pipeline_grad_norm(module: Any, layout: Layout, grid: Any) -> float:
+    """The L2 norm of every gradient of the model, each counted once: tensor-parallel shards on
+    every TP rank, replicated parameters on TP rank 0, the tied embedding on the first stage
+    that holds it; summed over the pipeline's model-parallel group (all stages and TP ranks of
+    this data-parallel replica). Call after DeepSpeed reduced the gradients over DP and the
+    tied copies."""
+    import torch
+    import torch.distributed as dist
+
+    tied_elsewhere = set()
+    for comm in module.tied_comms.values():
+        if dist.get_rank() != min(comm["ranks"]):
+            tied_elsewhere.update(id(p) for p in comm["module"].parameters())
+    total = torch.zeros((), dtype=torch.float64, device=layout.device)
+    for p in module.parameters():
+        if p.grad is None or id(p) in tied_elsewhere:
+            continue
+        if layout.tp_rank == 0 or getattr(p, "tensor_model_parallel", False):
+            total += p.grad.detach().double().pow(2).sum()
+    dist.all_reduce(total, group=grid.get_model_parallel_group())
+    return float(total.sqrt())
 
 
 def records_grad_norm(engine: Any) -> bool:

@@ -132,8 +132,6 @@ def load_weights(step_dir: Path, cfg: Config, full: dict[str, Any]) -> dict[str,
     meta = checkpoint_meta(step_dir)
     tp, pp = int(meta.get("tp", 1)), int(meta.get("pp", 1))
     zero = int(meta.get("zero_stage", cfg.parallel.zero_stage))
-    if pp != 1:
-        raise CheckpointError(f"{step_dir} was saved with pp={pp}; only pp=1 can be loaded here")
     if zero == 3:
         if tp != 1:
             raise CheckpointError(
@@ -145,17 +143,43 @@ def load_weights(step_dir: Path, cfg: Config, full: dict[str, Any]) -> dict[str,
         state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
         # zero_to_fp32 returns parameters only; keep the model's own non-parameter entries.
         return {k: state.get(k, v) for k, v in full.items()}
-    shards = []
-    for rank in range(tp):
-        f = step_dir / MODEL_STATES.format(rank)
-        if not f.is_file():
-            raise CheckpointError(f"{step_dir} misses {f.name} (saved with tp={tp})")
-        shards.append(torch.load(f, map_location="cpu", weights_only=False)["module"])
+    shards = [
+        pipeline_shard(step_dir, cfg, rank) if pp > 1 else model_shard(step_dir, rank, tp)
+        for rank in range(tp)
+    ]
     merged = merge_tp_shards(shards, full)
     return {
         k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
         for k, v in merged.items()
     }
+
+
+def model_shard(step_dir: Path, tp_rank: int, tp: int) -> dict[str, Any]:
+    """One TP rank's whole model (ZeRO 0-2 without pipeline stages): its model-states file."""
+    import torch
+
+    f = step_dir / MODEL_STATES.format(tp_rank)
+    if not f.is_file():
+        raise CheckpointError(f"{step_dir} misses {f.name} (saved with tp={tp})")
+    return torch.load(f, map_location="cpu", weights_only=False)["module"]
+
+
+def pipeline_shard(step_dir: Path, cfg: Config, tp_rank: int) -> dict[str, Any]:
+    """One TP rank's whole model from a pipeline checkpoint: DeepSpeed writes one file per
+    pipeline layer (`layer_XX-model_TT-model_states.pt`, tied uses after the first not saved
+    again); their names are mapped to the one-process model's (pipeline.layer_name_maps)."""
+    import torch
+
+    from pretrain.models.pipeline import layer_name_maps, pipeline_layer_specs
+
+    maps = layer_name_maps(pipeline_layer_specs(cfg.model))
+    state: dict[str, Any] = {}
+    for index, to_model in enumerate(maps):
+        f = step_dir / f"layer_{index:02d}-model_{tp_rank:02d}-model_states.pt"
+        if f.is_file():
+            layer = torch.load(f, map_location="cpu", weights_only=False)
+            state.update({to_model(k): v for k, v in layer.items()})
+    return state
 
 
 def single_process_group() -> Any:

@@ -27,7 +27,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if not p.requires_grad:
             continue
         table = any(part in POSITION_TABLES for part in name.split("."))
-        (decay if p.dim() >= 2 and not table else no_decay).append(p)
+        # A parameter built under ZeRO-3's zero.Init holds an empty tensor; its shape is ds_shape.
+        matrix = len(getattr(p, "ds_shape", p.shape)) >= 2
+        (decay if matrix and not table else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

@@ -98,19 +98,20 @@ def run(cfg: Config, info: Any, resume_from: Path | None, layout):
     from data_pipeline.loader import make_batches
     from pretrain import trainer as T
     from pretrain.distributed import seed_all
-    from pretrain.engine import build_engine
-    from pretrain.models import build_model
+    from pretrain.engine import build_engine, build_model_for
+    from pretrain.memory import watch_first_step
     from pretrain.models.flops import flops_per_token, param_count
+    from pretrain.models.rng import seed_model_rng
     from pretrain.tracking import Tracker
 
     say = RunLog(cfg.run.run_dir / "train.log" if layout.is_main else None)
     seed_all(cfg.run.seed)  # identical initial weights on every rank
-    model = build_model(
-        cfg.model, layout.tp_group, layout.tp_size, cfg.parallel.sequence_parallel
-    ).to(layout.device)
+    model = build_model_for(cfg, layout)  # partitioned while it is built under ZeRO-3
     # Dropout streams: distinct per data-parallel rank, shared inside a tensor-parallel group
     # (whose ranks must drop the same activations of the replicated residual stream).
     seed_all(cfg.run.seed + 1000 * layout.dp_rank + 100 * layout.pp_rank + 1)
+    # The model-parallel stream (dropout on TP-sharded activations) differs per TP rank too.
+    seed_model_rng(model, cfg.run.seed, layout.dp_rank, layout.pp_rank, layout.tp_rank)
     engine, scheduler = build_engine(cfg, layout, model)
 
     L, mb, objective = (
@@ -192,6 +193,7 @@ def run(cfg: Config, info: Any, resume_from: Path | None, layout):
         saves,
         T.ExitHook(start_step),
     ]
+    watch_first_step(trainer, say)  # memory per rank, printed and logged after the first step
     t0 = time.perf_counter()
     trainer.fit()
     elapsed = time.perf_counter() - t0
@@ -266,7 +268,10 @@ def summarize(
             f"  open the UI with: {Path(sys.executable).parent / 'mlflow'} ui "
             f"--backend-store-uri {trainer.tracker.uri}"
         )
-    if cfg.run.sample_tokens and causal:  # T5 samples with `pretrain-generate`
+    if cfg.run.sample_tokens and causal and trainer.layout.pp_size > 1:
+        # Each rank holds one stage; pretrain-generate merges the stages of the checkpoint.
+        say(f"sample: pretrain-generate {ckpt or cfg.checkpoint_dir} --prompt TEXT")
+    elif cfg.run.sample_tokens and causal:  # T5 samples with `pretrain-generate`
         tok = Tokenizer.load(info.tokenizer_file)
         prompt = tok.encode(cfg.run.sample_prompt) or [info.eos_id]
         out = generate(

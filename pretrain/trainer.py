@@ -21,12 +21,9 @@ import torch.distributed as dist
 from pretrain import checkpoint
 from pretrain.config import Config
 from pretrain.distributed import Layout, rng_state, set_rng_state
-from pretrain.engine import grad_norm_now, records_grad_norm
+from pretrain.models.rng import model_rng
+from pretrain.steps import add_loss_tokens, runner_for
 from pretrain.tracking import Tracker
-
-
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 @dataclass
@@ -85,6 +82,10 @@ class Trainer:
     stop_reason: str | None = None
     history: list[dict[str, float]] = field(default_factory=list)  # metrics of each step
 
+    def __post_init__(self) -> None:
+        # How a step and an evaluation run is the engine kind's business (pretrain.steps).
+        self.runner = runner_for(self.engine, self.layout, self.cfg.model.family)
+
     @property
     def ckpt_dir(self) -> Path:
         return self.cfg.checkpoint_dir
@@ -97,48 +98,33 @@ class Trainer:
     # --- the step -------------------------------------------------------------------------
 
     def train_step(self) -> dict[str, float]:
-        """One optimizer step over this rank's micro-batches; returns the step's metrics."""
+        """One optimizer step over this rank's micro-batches; returns the step's metrics. The
+        loss is token-weighted over the whole step (pretrain.steps)."""
         self.engine.train()
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
         micro = self.train_data.next_step()
-        device = self.layout.device
-        loss_sum, norm = torch.zeros((), device=device), None
-        for i, batch in enumerate(micro):
-            loss = self.engine(**to_device(batch, device))
-            self.engine.backward(loss)
-            if i == len(micro) - 1 and not records_grad_norm(self.engine):
-                norm = grad_norm_now(self.engine)
-            self.engine.step()
-            loss_sum += loss.detach().float()
-        if norm is None:
-            norm = float(self.engine.get_global_grad_norm())
-        # The step's loss is the mean over every micro-batch of every data-parallel rank.
-        dist.all_reduce(loss_sum, group=self.layout.dp_group)
+        add_loss_tokens(micro, self.layout)
+        loss, norm = self.runner.train(micro)
         self.state.step += 1
         self.state.consumed_tokens += self.tokens_per_step
-        return {
-            "loss": loss_sum.item() / (len(micro) * self.layout.dp_size),
-            "lr": lr,
-            "grad_norm": norm,
-        }
+        return {"loss": loss, "lr": lr, "grad_norm": norm}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean loss over the first `run.eval_batches` global batches of the validation split,
-        the same batches at every evaluation so values are comparable across steps."""
+        """Loss per scored token over the first `run.eval_batches` global batches of the
+        validation split, the same batches at every evaluation so values are comparable across
+        steps."""
         if self.val_data is None or self.cfg.run.eval_batches == 0:
             return {}
         self.engine.eval()
         self.val_data.load_state_dict({**self.val_data.state_dict(), "consumed": 0})
-        total = torch.zeros((), device=self.layout.device)
-        count = 0
+        loss_sum = tokens = 0.0
         for _ in range(self.cfg.run.eval_batches):
-            for batch in self.val_data.next_step():
-                loss = self.engine(**to_device(batch, self.layout.device))
-                total += loss.float()
-                count += 1
-        dist.all_reduce(total, group=self.layout.dp_group)
-        val_loss = total.item() / (count * self.layout.dp_size)
+            micro = self.val_data.next_step()
+            n = add_loss_tokens(micro, self.layout)
+            loss_sum += self.runner.eval(micro) * n
+            tokens += n
+        val_loss = loss_sum / max(tokens, 1.0)
         self.engine.train()
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
@@ -156,7 +142,9 @@ class Trainer:
             self.ckpt_dir,
             self.state.step,
             client,
-            {"rng": rng_state()},
+            # The model-parallel generator advances per rank like the default ones: without
+            # its state a resumed run would redraw the attention dropout masks of step 0.
+            {"rng": rng_state(), "model_rng": model_rng(self.engine.module).state_dict()},
             self.cfg.checkpoint.keep_last,
         )
 
@@ -169,6 +157,8 @@ class Trainer:
             self.train_data.load_state_dict(client["data"])
         if "rng" not in exclude and rank_state is not None:
             set_rng_state(rank_state["rng"])
+            if "model_rng" in rank_state:  # absent from checkpoints of older versions
+                model_rng(self.engine.module).load_state_dict(rank_state["model_rng"])
 
     def _apply_optim_config(self) -> None:
         """The config wins over the checkpoint for optimizer settings (Megatron's

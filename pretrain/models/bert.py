@@ -17,16 +17,19 @@ from megatron.core import tensor_parallel as tp
 from torch import nn
 
 from pretrain.config import ModelConfig
-from pretrain.models.collectives import gather_last_dim, gather_sequence
+from pretrain.models.collectives import gather_last_dim
 from pretrain.models.layers import (
     Block,
     ParallelModel,
-    add_positions,
+    ResidualDropout,
+    TensorParallel,
+    absolute_positions,
     attach_positions,
     attention_mask,
     build_norm,
-    column_linear,
     embed_tokens,
+    lm_head,
+    lm_logits,
     lm_loss,
     mark_sequence_parallel,
     normal_init,
@@ -36,6 +39,38 @@ from pretrain.models.layers import (
 )
 
 
+class _Dense(nn.Linear):
+    """A d x d nn.Linear whose init (after nn.Linear's own draws, kept so later weights draw the
+    same numbers) happens inside its constructor: under ZeRO-3 (zero.Init) parameters are
+    partitioned as the constructor returns, and an init applied afterwards would be lost."""
+
+    def __init__(self, d: int, bias: bool, init):
+        self._init = init
+        super().__init__(d, d, bias=bias)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        self._init(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+def mlm_transform(cfg: ModelConfig, tpc: TensorParallel) -> nn.Linear:
+    """The MLM head's dense transform, replicated on every TP rank (as in megatron's
+    BertLMHead): a d x d matrix is small next to the vocabulary projection."""
+    dense = _Dense(cfg.d_model, cfg.bias, normal_init(cfg.init_std))
+    if tpc.sequence_parallel:
+        mark_sequence_parallel(dense.weight, dense.bias)
+    return dense
+
+
+def output_bias(cfg: ModelConfig, tpc: TensorParallel) -> nn.Parameter:
+    """The MLM output bias, split over the vocabulary like the logits it is added to."""
+    bias = nn.Parameter(torch.zeros(cfg.vocab_size // tpc.size))
+    tp.set_tensor_model_parallel_attributes(bias, True, 0, 1)
+    return bias
+
+
 class BERT(ParallelModel):
     def __init__(
         self,
@@ -43,34 +78,30 @@ class BERT(ParallelModel):
         tp_group: Any,
         tp_size: int = 1,
         sequence_parallel: bool = False,
+        seed: int | None = None,
     ):
-        super().__init__(cfg, tp_group, tp_size, sequence_parallel)
+        super().__init__(cfg, tp_group, tp_size, sequence_parallel, seed)
         tpc = self.tpc
-        self.embed = token_embedding(cfg, tpc)
-        rotary = attach_positions(self, cfg, tpc)
+        # Units with their own init seeds, numbered as the pipeline's layers: 0 token embedding,
+        # 1 positions, 2.. blocks, then the MLM head's transform and the untied head.
+        with self.unit(0):
+            self.embed = token_embedding(cfg, tpc)
+        with self.unit(1):
+            rotary = attach_positions(self, cfg, tpc)
         self.ln_embed = build_norm(cfg, tpc)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(
-            Block(cfg, tpc, n_layers=cfg.n_layers, rotary=rotary) for _ in range(cfg.n_layers)
+        self.drop = ResidualDropout(cfg.dropout, tpc)
+        self.blocks = self.stack(
+            2, cfg.n_layers, lambda: Block(cfg, tpc, n_layers=cfg.n_layers, rotary=rotary)
         )
         self.ln_f = build_norm(cfg, tpc) if cfg.norm_position == "pre" else None
-        # The MLM head's transform is replicated on every TP rank (as in megatron's BertLMHead):
-        # a d x d matrix is small next to the vocabulary projection.
-        self.head_dense = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
-        normal_init(cfg.init_std)(self.head_dense.weight)
-        if cfg.bias:
-            nn.init.zeros_(self.head_dense.bias)
-        if tpc.sequence_parallel:
-            mark_sequence_parallel(self.head_dense.weight, self.head_dense.bias)
+        with self.unit(2 + cfg.n_layers):
+            self.head_dense = mlm_transform(cfg, tpc)
         self.head_norm = build_norm(cfg, tpc)
         self.head = None
         if not cfg.tie_embeddings:
-            self.head = column_linear(
-                cfg.d_model, cfg.vocab_size, False, normal_init(cfg.init_std), tpc
-            )
-        # The output bias is split over the vocabulary like the logits it is added to.
-        self.out_bias = nn.Parameter(torch.zeros(self.embed.num_embeddings_per_partition))
-        tp.set_tensor_model_parallel_attributes(self.out_bias, True, 0, 1)
+            with self.unit(3 + cfg.n_layers):
+                self.head = lm_head(cfg, tpc)
+        self.out_bias = output_bias(cfg, tpc)
 
     def hidden(self, tokens_BS: torch.Tensor, padding_mask_BS: torch.Tensor | None = None):
         """Encoder output [s, b, d] (this rank's shard under sequence parallelism)."""
@@ -78,11 +109,7 @@ class BERT(ParallelModel):
         if s > self.cfg.seq_len:
             raise ValueError(f"sequence of {s} tokens exceeds model.seq_len={self.cfg.seq_len}")
         x_SBD = embed_tokens(self.embed, tokens_BS, self.tpc)
-        if self.pos_embed is not None:
-            x_SBD = add_positions(x_SBD, self.pos_embed.weight, s, self.tpc)
-        elif self.cfg.positions == "sinusoidal":
-            x_SBD = add_positions(x_SBD, self.pos_table, s, self.tpc)
-        x_SBD = self.drop(self.ln_embed(x_SBD))
+        x_SBD = self.drop(self.ln_embed(absolute_positions(self, x_SBD)))
         mask = attention_mask(
             s,
             s,
@@ -91,21 +118,13 @@ class BERT(ParallelModel):
             device=x_SBD.device,
             key_padding_BK=padding_mask_BS,
         )
-        x_SBD = run_blocks(self.blocks, x_SBD, self.cfg.activation_checkpointing, mask)
+        x_SBD = run_blocks(self.blocks, x_SBD, mask)
         return self.ln_f(x_SBD) if self.ln_f is not None else x_SBD
 
     def logits_parallel(self, h_SBD: torch.Tensor) -> torch.Tensor:
         """MLM head: this rank's slice of the vocabulary logits [s, b, v / tp], all positions."""
         h_SBD = self.head_norm(F.gelu(self.head_dense(h_SBD)))
-        if self.tpc.sequence_parallel:
-            h_SBD = gather_sequence(h_SBD, self.tpc.group)
-        elif self.head is None:
-            h_SBD = tp.copy_to_tensor_model_parallel_region(h_SBD, group=self.tpc.group)
-        if self.head is not None:
-            logits, _ = self.head(h_SBD)
-        else:
-            logits = F.linear(h_SBD, self.embed.weight)
-        return logits + self.out_bias
+        return lm_logits(h_SBD, self.tpc, self.head, self.embed.weight) + self.out_bias
 
     def forward(
         self,
@@ -113,6 +132,7 @@ class BERT(ParallelModel):
         targets: torch.Tensor | None = None,
         loss_mask: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
+        loss_tokens: torch.Tensor | None = None,
     ):
         """Mean cross-entropy over positions where loss_mask is 1 (every position without a
         loss_mask) when targets are given, else full logits [b, s, v]. padding_mask [b, s] is
@@ -130,4 +150,4 @@ class BERT(ParallelModel):
         logits_SBV = self.logits_parallel(self.hidden(tokens, padding_mask))
         if targets is None:
             return gather_last_dim(logits_SBV, self.tpc.group).transpose(0, 1)[:, :s]
-        return lm_loss(logits_SBV, targets, loss_mask, self.tpc)
+        return lm_loss(logits_SBV, targets, loss_mask, self.tpc, loss_tokens)

@@ -13,23 +13,21 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from megatron.core import tensor_parallel as tp
-from torch import nn
 
 from pretrain.config import ModelConfig
-from pretrain.models.collectives import gather_last_dim, gather_sequence
+from pretrain.models.collectives import gather_last_dim
 from pretrain.models.layers import (
     Block,
     ParallelModel,
-    add_positions,
+    ResidualDropout,
+    absolute_positions,
     attach_positions,
     attention_mask,
     build_norm,
-    column_linear,
     embed_tokens,
+    lm_head,
+    lm_logits,
     lm_loss,
-    normal_init,
     pad_to_multiple,
     run_blocks,
     token_embedding,
@@ -43,22 +41,27 @@ class GPT(ParallelModel):
         tp_group: Any,
         tp_size: int = 1,
         sequence_parallel: bool = False,
+        seed: int | None = None,
     ):
-        super().__init__(cfg, tp_group, tp_size, sequence_parallel)
+        super().__init__(cfg, tp_group, tp_size, sequence_parallel, seed)
         tpc = self.tpc
-        self.embed = token_embedding(cfg, tpc)
-        rotary = attach_positions(self, cfg, tpc)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(
-            Block(cfg, tpc, n_layers=cfg.n_layers, rotary=rotary) for _ in range(cfg.n_layers)
+        # Units, each initialised from its own seed (layers.unit_init), numbered as the
+        # pipeline's layers are (pretrain.models.pipeline): 0 token embedding, 1 positions,
+        # 2.. blocks, then the untied head.
+        with self.unit(0):
+            self.embed = token_embedding(cfg, tpc)
+        with self.unit(1):
+            rotary = attach_positions(self, cfg, tpc)
+        self.drop = ResidualDropout(cfg.dropout, tpc)
+        self.blocks = self.stack(
+            2, cfg.n_layers, lambda: Block(cfg, tpc, n_layers=cfg.n_layers, rotary=rotary)
         )
         # Post-LN blocks end in a norm already; pre-LN stacks need one before the logits.
         self.ln_f = build_norm(cfg, tpc) if cfg.norm_position == "pre" else None
         self.head = None
         if not cfg.tie_embeddings:
-            self.head = column_linear(
-                cfg.d_model, cfg.vocab_size, False, normal_init(cfg.init_std), tpc
-            )
+            with self.unit(2 + cfg.n_layers):
+                self.head = lm_head(cfg, tpc)
 
     def hidden(self, tokens_BS: torch.Tensor, doc_ids_BS: torch.Tensor | None = None):
         """Final hidden states [s, b, d] (this rank's sequence shard under sequence
@@ -72,33 +75,16 @@ class GPT(ParallelModel):
                 f"{s} tokens do not divide"
             )
         x_SBD = embed_tokens(self.embed, tokens_BS, self.tpc)
-        if self.pos_embed is not None:
-            x_SBD = add_positions(x_SBD, self.pos_embed.weight, s, self.tpc)
-        elif self.cfg.positions == "sinusoidal":
-            x_SBD = add_positions(x_SBD, self.pos_table, s, self.tpc)
-        x_SBD = self.drop(x_SBD)
+        x_SBD = self.drop(absolute_positions(self, x_SBD))
         mask = attention_mask(
             s, s, causal=True, dtype=x_SBD.dtype, device=x_SBD.device, doc_ids_BS=doc_ids_BS
         )
-        x_SBD = run_blocks(self.blocks, x_SBD, self.cfg.activation_checkpointing, mask)
+        x_SBD = run_blocks(self.blocks, x_SBD, mask)
         return self.ln_f(x_SBD) if self.ln_f is not None else x_SBD
 
     def logits_parallel(self, h_SBD: torch.Tensor) -> torch.Tensor:
         """This rank's slice of the vocabulary logits, [s, b, v / tp], for the whole sequence."""
-        tpc = self.tpc
-        if tpc.sequence_parallel:
-            # Every rank scores the whole sequence against its vocabulary slice; the gather's
-            # backward sums the ranks' gradients and hands each its shard.
-            h_SBD = gather_sequence(h_SBD, tpc.group)
-        elif self.head is None:
-            # The tied projection reads the full hidden state on every TP rank; the copy makes
-            # the backward pass all-reduce its gradient across the group (megatron's
-            # parallel_lm_logits). The untied head does the same inside ColumnParallelLinear.
-            h_SBD = tp.copy_to_tensor_model_parallel_region(h_SBD, group=tpc.group)
-        if self.head is not None:
-            logits, _ = self.head(h_SBD)
-            return logits
-        return F.linear(h_SBD, self.embed.weight)
+        return lm_logits(h_SBD, self.tpc, self.head, self.embed.weight)
 
     def forward(
         self,
@@ -106,11 +92,13 @@ class GPT(ParallelModel):
         targets: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         loss_mask: torch.Tensor | None = None,
+        loss_tokens: torch.Tensor | None = None,
     ):
         """Mean next-token cross-entropy when targets are given, else full logits [b, s, v].
 
         tokens and targets are [b, s] ids; doc_ids [b, s] (optional) keeps attention inside each
-        document of a packed sequence; loss_mask [b, s] (optional) scores only where it is 1.
+        document of a packed sequence; loss_mask [b, s] (optional) scores only where it is 1;
+        loss_tokens (optional) turns the mean into a token-weighted share of the step (lm_loss).
         The names are the keys of the loader's causal batches, which the trainer passes as
         keyword arguments.
         """
@@ -119,7 +107,7 @@ class GPT(ParallelModel):
         logits_SBV = self.logits_parallel(self.hidden(tokens, doc_ids))
         if targets is None:
             return gather_last_dim(logits_SBV, self.tpc.group).transpose(0, 1)
-        return lm_loss(logits_SBV, targets, loss_mask, self.tpc)
+        return lm_loss(logits_SBV, targets, loss_mask, self.tpc, loss_tokens)
 
     def _logits_any_length(self, tokens_BS: torch.Tensor, doc_ids_BS: torch.Tensor | None):
         """Logits for a prompt whose length need not divide by the TP size (generation under

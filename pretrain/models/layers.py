@@ -14,14 +14,17 @@ sequence: column layers all-gather it, row layers reduce-scatter into it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from megatron.core import ModelParallelConfig
 from megatron.core import tensor_parallel as tp
 from torch import nn
@@ -31,6 +34,7 @@ from pretrain.models.collectives import (
     gather_sequence,
     reduce_scatter_sequence,
 )
+from pretrain.models.rng import ModelParallelRNG, model_parallel_seed
 
 
 def normal_init(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -57,17 +61,26 @@ def parallel_config(tp_size: int, pp_size: int = 1) -> ModelParallelConfig:
 
 @dataclass(frozen=True)
 class TensorParallel:
-    """The tensor-parallel group a model is built for, passed down to every layer."""
+    """The tensor-parallel group a model is built for, passed down to every layer, with the
+    model-parallel generator that dropout on this rank's shard of an activation draws from
+    (pretrain.models.rng). Build one per model (or pipeline stage) and share it: the layers
+    then share one generator, which `model_rng` finds and checkpoints save."""
 
     group: Any
     size: int
     sequence_parallel: bool
     mp: ModelParallelConfig
+    rng: ModelParallelRNG = field(default_factory=ModelParallelRNG, compare=False)
 
     @classmethod
     def build(cls, group: Any, size: int = 1, sequence_parallel: bool = False) -> TensorParallel:
         # Sequence parallelism inside a group of one is a no-op (megatron disables it too).
-        return cls(group, size, sequence_parallel and size > 1, parallel_config(size))
+        tpc = cls(group, size, sequence_parallel and size > 1, parallel_config(size))
+        # Until the trainer seeds it per (dp, pp, tp) rank (seed_model_rng), a usable default:
+        # the default generator's seed (what seed_all set) and the TP rank, so TP ranks differ.
+        # Reading initial_seed() draws nothing, so the weight init is unaffected.
+        tpc.rng.seed(model_parallel_seed(torch.initial_seed(), 0, 0, tpc.rank))
+        return tpc
 
     @property
     def rank(self) -> int:
@@ -95,6 +108,24 @@ def build_norm(cfg: ModelConfig, tpc: TensorParallel) -> nn.Module:
     else:
         norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
     return mark_norm(norm, tpc)
+
+
+class ResidualDropout(nn.Dropout):
+    """Dropout on the residual stream and embeddings. Without sequence parallelism these
+    activations are replicated across the TP group and every rank must drop the same elements,
+    so it draws from the default generator (seeded alike across the group). Under sequence
+    parallelism each rank holds its own slice of the sequence, which needs its own mask: it
+    draws from the model-parallel generator, seeded per TP rank."""
+
+    def __init__(self, p: float, tpc: TensorParallel):
+        super().__init__(p)
+        self.tpc = tpc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tpc.sequence_parallel and self.training and self.p > 0:
+            with self.tpc.rng.fork(x.device):
+                return super().forward(x)
+        return super().forward(x)
 
 
 # --- tensor-parallel linear layers ---------------------------------------------------------------
@@ -216,16 +247,39 @@ def learned_positions(cfg: ModelConfig, tpc: TensorParallel) -> nn.Embedding | N
     """The learned position table of GPT-2 / BERT (None for other position schemes)."""
     if cfg.positions != "learned":
         return None
-    table = nn.Embedding(cfg.seq_len, cfg.d_model)
-    normal_init(cfg.init_std)(table.weight)
+    # The values go in through the constructor: under ZeRO-3 (zero.Init) a parameter is
+    # partitioned as soon as its module's __init__ returns, and an init applied afterwards would
+    # write into an empty tensor. The first draw is nn.Embedding's own N(0, 1) init, kept so
+    # every later weight draws the same numbers as before.
+    weight = normal_init(cfg.init_std)(nn.init.normal_(torch.empty(cfg.seq_len, cfg.d_model)))
+    table = nn.Embedding(cfg.seq_len, cfg.d_model, _weight=weight)
     if tpc.sequence_parallel:  # added after the scatter: each rank trains its own rows only
         mark_sequence_parallel(table.weight)
     return table
 
 
+@contextmanager
+def unit_init(seed: int, unit: int):
+    """Initialise unit number `unit` of a model (the token embedding, a block, a head...) from
+    its own seed. A unit's weights then depend only on (seed, unit), not on which other units
+    this process builds: a pipeline stage that builds only its own layers starts from exactly
+    the weights of the whole model built in one process. Only the CPU generator is forked:
+    every layer initialises on the CPU (parallel_config's use_cpu_initialization)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 100_003 + unit)
+        yield
+
+
+def draw_model_seed() -> int:
+    """A model's init seed taken from torch's global generator, for callers that seed that
+    generator and pass no seed (the same global seed gives the same model)."""
+    return int(torch.randint(0, 2**31 - 1, ()).item())
+
+
 class ParallelModel(nn.Module):
     """Base of the model families: the config and this rank's tensor-parallel context, taken
-    the same way by every family so `build_model` can construct any of them."""
+    the same way by every family so `build_model` can construct any of them. `seed` seeds each
+    unit's init (`unit_init`); None draws it from torch's global generator."""
 
     def __init__(
         self,
@@ -233,11 +287,65 @@ class ParallelModel(nn.Module):
         tp_group: Any,
         tp_size: int = 1,
         sequence_parallel: bool = False,
+        seed: int | None = None,
     ):
         super().__init__()
         self.cfg = cfg
         self.tp_group = tp_group
         self.tpc = TensorParallel.build(tp_group, tp_size, sequence_parallel)
+        self.init_seed = draw_model_seed() if seed is None else seed
+
+    def unit(self, index: int):
+        return unit_init(self.init_seed, index)
+
+    def stack(self, first_unit: int, count: int, make: Callable[[], nn.Module]) -> nn.ModuleList:
+        """`count` blocks from `make()`, block i initialised as unit `first_unit + i`."""
+        blocks = []
+        for i in range(count):
+            with self.unit(first_unit + i):
+                blocks.append(make())
+        return nn.ModuleList(blocks)
+
+
+def absolute_positions(m: nn.Module, x_SBD: torch.Tensor) -> torch.Tensor:
+    """Add a GPT's or BERT's absolute positions (`attach_positions` gave `m` its table) to the
+    embedded tokens of this rank's shard; rotary and relative schemes add nothing here."""
+    tpc: TensorParallel = m.tpc
+    s = x_SBD.shape[0] * (tpc.size if tpc.sequence_parallel else 1)
+    if m.pos_embed is not None:
+        return add_positions(x_SBD, m.pos_embed.weight, s, tpc)
+    if m.cfg.positions == "sinusoidal":
+        return add_positions(x_SBD, m.pos_table, s, tpc)
+    return x_SBD
+
+
+def lm_head(cfg: ModelConfig, tpc: TensorParallel, std: float | None = None):
+    """An untied output projection: column-parallel over the vocabulary, no bias."""
+    init = normal_init(cfg.init_std if std is None else std)
+    return column_linear(cfg.d_model, cfg.vocab_size, False, init, tpc)
+
+
+def lm_logits(
+    h_SBD: torch.Tensor,
+    tpc: TensorParallel,
+    head: tp.ColumnParallelLinear | None = None,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """This rank's slice of the vocabulary logits [s, b, v / tp] for the whole sequence, from an
+    untied column-parallel `head` or the tied embedding `weight`."""
+    if tpc.sequence_parallel:
+        # Every rank scores the whole sequence against its vocabulary slice; the gather's
+        # backward sums the ranks' gradients and hands each its shard.
+        h_SBD = gather_sequence(h_SBD, tpc.group)
+    elif head is None:
+        # The tied projection reads the full hidden state on every TP rank; the copy makes the
+        # backward pass all-reduce its gradient across the group (megatron's
+        # parallel_lm_logits). The untied head does the same inside ColumnParallelLinear.
+        h_SBD = tp.copy_to_tensor_model_parallel_region(h_SBD, group=tpc.group)
+    if head is not None:
+        logits, _ = head(h_SBD)
+        return logits
+    return F.linear(h_SBD, weight)
 
 
 def attach_positions(model: nn.Module, cfg: ModelConfig, tpc: TensorParallel):
@@ -444,9 +552,36 @@ class Attention(nn.Module):
         s, b = x_SBF.shape[:2]
         return x_SBF.view(s, b, n, self.head_dim).permute(1, 2, 0, 3)
 
-    def forward(
-        self, x_SBD: torch.Tensor, mask: AttentionMask, memory_SBD: torch.Tensor | None = None
+    def attend(
+        self, q_BHSE: torch.Tensor, k_BGSE: torch.Tensor, v_BGSE: torch.Tensor, mask: AttentionMask
     ) -> torch.Tensor:
+        """The attention core, softmax(q k^T + bias) v with dropout on the probabilities: what
+        selective recompute recomputes. The probabilities belong to this rank's heads only, so
+        their dropout draws from the model-parallel generator (a different mask on each TP
+        rank); SDPA draws from the default generator, whose state fork() swaps."""
+        dropout = self.dropout if self.training else 0.0
+        rng = self.tpc.rng.fork(q_BHSE.device) if dropout > 0 else contextlib.nullcontext()
+        with rng:
+            return F.scaled_dot_product_attention(
+                q_BHSE,
+                k_BGSE,
+                v_BGSE,
+                attn_mask=mask.bias,
+                is_causal=mask.causal and mask.bias is None,
+                dropout_p=dropout,
+                scale=self.scale,
+                enable_gqa=self.q_per_group > 1,
+            )
+
+    def forward(
+        self,
+        x_SBD: torch.Tensor,
+        mask: AttentionMask,
+        memory_SBD: torch.Tensor | None = None,
+        *,
+        recompute: bool = False,
+    ) -> torch.Tensor:
+        """`recompute`: recompute the attention core in the backward pass (selective)."""
         e, g, per = self.head_dim, self.groups_local, self.q_per_group
         if memory_SBD is None:
             qkv = column(self.qkv, x_SBD, self.tpc)
@@ -463,16 +598,20 @@ class Attention(nn.Module):
             v_BGSE = kv_KBG2E[:, :, :, 1].permute(1, 2, 0, 3)
         if self.rotary is not None:
             q_BHSE, k_BGSE = self.rotary(q_BHSE), self.rotary(k_BGSE)
-        o_BHSE = F.scaled_dot_product_attention(
-            q_BHSE,
-            k_BGSE,
-            v_BGSE,
-            attn_mask=mask.bias,
-            is_causal=mask.causal and mask.bias is None,
-            dropout_p=self.dropout if self.training else 0.0,
-            scale=self.scale,
-            enable_gqa=per > 1,
-        )
+        if recompute and torch.is_grad_enabled():
+            # Selective recompute: keep q, k, v and o, recompute the probabilities [b, h, q, k]
+            # (the largest activation) in the backward pass, with the same dropout mask.
+            o_BHSE = torch.utils.checkpoint.checkpoint(
+                self.attend,
+                q_BHSE,
+                k_BGSE,
+                v_BGSE,
+                mask,
+                use_reentrant=False,
+                context_fn=self.tpc.rng.checkpoint_context,
+            )
+        else:
+            o_BHSE = self.attend(q_BHSE, k_BGSE, v_BGSE, mask)
         s, b = o_BHSE.shape[2], o_BHSE.shape[0]
         o_SBF = o_BHSE.permute(2, 0, 1, 3).reshape(s, b, self.heads_local * e)
         return row(self.proj, o_SBF, self.tpc)
@@ -521,7 +660,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """A transformer block: self-attention, optional cross-attention (T5 decoder), MLP.
 
-    Pre-LN: x + f(norm(x)) for each sub-layer; post-LN: norm(x + f(x)).
+    Pre-LN: x + f(norm(x)) for each sub-layer; post-LN: norm(x + f(x)). The block carries the
+    model's recompute policy (model.recompute, model.recompute_interval), which `run_block`
+    applies.
     """
 
     def __init__(
@@ -547,7 +688,9 @@ class Block(nn.Module):
             self.cross_attn = Attention(cfg, tpc, cross=True, **attn_kw)
         self.ln_mlp = build_norm(cfg, tpc)
         self.mlp = MLP(cfg, tpc, n_layers=n_layers)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = ResidualDropout(cfg.dropout, tpc)
+        self.tpc = tpc
+        self.recompute, self.recompute_interval = cfg.recompute, cfg.recompute_interval
 
     def _sub(self, x_SBD: torch.Tensor, norm: nn.Module, f: Callable) -> torch.Tensor:
         if self.pre_norm:
@@ -560,25 +703,52 @@ class Block(nn.Module):
         mask: AttentionMask,
         memory_SBD: torch.Tensor | None = None,
         memory_mask: AttentionMask | None = None,
+        *,
+        recompute_attention: bool = False,
     ) -> torch.Tensor:
-        x_SBD = self._sub(x_SBD, self.ln_attn, lambda h: self.attn(h, mask))
+        """`recompute_attention`: recompute the attention cores in the backward pass
+        (selective recompute; run_block sets it)."""
+        rc = recompute_attention
+        x_SBD = self._sub(x_SBD, self.ln_attn, lambda h: self.attn(h, mask, recompute=rc))
         if self.cross_attn is not None:
             if memory_SBD is None or memory_mask is None:
                 raise ValueError("a cross-attention block needs the encoder output and its mask")
             cross = self.cross_attn
-            x_SBD = self._sub(x_SBD, self.ln_cross, lambda h: cross(h, memory_mask, memory_SBD))
+            x_SBD = self._sub(
+                x_SBD, self.ln_cross, lambda h: cross(h, memory_mask, memory_SBD, recompute=rc)
+            )
         return self._sub(x_SBD, self.ln_mlp, self.mlp)
 
 
-def run_blocks(
-    blocks: nn.ModuleList, x_SBD: torch.Tensor, checkpointing: bool, *args: Any
-) -> torch.Tensor:
-    """Apply the blocks in order, recomputing each in the backward pass when asked."""
-    for block in blocks:
-        if checkpointing and torch.is_grad_enabled():
-            x_SBD = torch.utils.checkpoint.checkpoint(block, x_SBD, *args, use_reentrant=False)
-        else:
-            x_SBD = block(x_SBD, *args)
+def recomputes(block: Block, index: int) -> bool:
+    """Whether block number `index` (0-based, counted within its stack) is recomputed: with
+    model.recompute full or selective, the blocks whose index % recompute_interval == 0, i.e.
+    blocks 0, N, 2N, ... (every block at N=1; about 1/N of them otherwise)."""
+    return block.recompute != "none" and index % block.recompute_interval == 0
+
+
+def run_block(block: Block, index: int, x_SBD: torch.Tensor, *args: Any) -> torch.Tensor:
+    """Apply block number `index` of its stack under the model's recompute policy.
+
+    full: the whole block runs without keeping its activations and is recomputed in the
+    backward pass (only its input is stored). selective: only the attention core (q, k, v -> o)
+    is recomputed. Either way the recomputation redraws the forward's dropout masks: torch's
+    checkpoint restores the default generator, and `checkpoint_context` the model-parallel one.
+    Recompute needs autograd; under no_grad (evaluation) the block just runs.
+    """
+    if not recomputes(block, index) or not torch.is_grad_enabled():
+        return block(x_SBD, *args)
+    if block.recompute == "selective":
+        return block(x_SBD, *args, recompute_attention=True)
+    return torch.utils.checkpoint.checkpoint(
+        block, x_SBD, *args, use_reentrant=False, context_fn=block.tpc.rng.checkpoint_context
+    )
+
+
+def run_blocks(blocks: nn.ModuleList, x_SBD: torch.Tensor, *args: Any) -> torch.Tensor:
+    """Apply a stack of blocks in order, each under the recompute policy (run_block)."""
+    for index, block in enumerate(blocks):
+        x_SBD = run_block(block, index, x_SBD, *args)
     return x_SBD
 
 
@@ -590,9 +760,15 @@ def lm_loss(
     targets_BS: torch.Tensor,
     loss_mask_BS: torch.Tensor | None,
     tpc: TensorParallel,
+    loss_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean vocab-parallel cross-entropy over the scored positions (all, or where loss_mask is
-    1). A batch with no scored position gives 0, not NaN."""
+    """Vocab-parallel cross-entropy over the scored positions (all, or where loss_mask is 1).
+
+    Without `loss_tokens` it is the mean over this batch's scored positions (a batch with none
+    gives 0, not NaN). With it, the sum over them divided by `loss_tokens`: the trainer passes
+    the step's scored positions over all micro-batches and data-parallel ranks, divided by their
+    number, so that after DeepSpeed's mean over micro-batches and ranks every token of the step
+    weighs the same, however the batch was split (pretrain.steps.token_weights)."""
     # megatron's vocab_parallel_cross_entropy reduces over parallel_state's global TP group,
     # not the model's: a model built for another group would get a silently wrong loss.
     from megatron.core import parallel_state as ps
@@ -606,6 +782,14 @@ def lm_loss(
         logits_SBV.float(), targets_BS.transpose(0, 1).contiguous()
     )
     if loss_mask_BS is None:
-        return loss_SB.mean()
-    mask_SB = loss_mask_BS.transpose(0, 1).to(loss_SB.dtype)
-    return (loss_SB * mask_SB).sum() / mask_SB.sum().clamp(min=1.0)
+        total, count = loss_SB.sum(), loss_SB.new_tensor(float(loss_SB.numel()))
+    else:
+        mask_SB = loss_mask_BS.transpose(0, 1).to(loss_SB.dtype)
+        total, count = (loss_SB * mask_SB).sum(), mask_SB.sum().clamp(min=1.0)
+    return total / (count if loss_tokens is None else loss_tokens.to(total.dtype))
+
+
+def scored_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Positions of a batch that enter the loss (what `lm_loss` sums over)."""
+    mask = batch.get("loss_mask")
+    return int(mask.sum().item()) if mask is not None else batch["targets"].numel()

@@ -18,22 +18,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from megatron.core import tensor_parallel as tp
-from torch import nn
 
 from pretrain.config import ModelConfig
-from pretrain.models.collectives import gather_last_dim, gather_sequence
+from pretrain.models.collectives import gather_last_dim
 from pretrain.models.layers import (
     Block,
     ParallelModel,
     RelativePositionBias,
+    ResidualDropout,
+    TensorParallel,
     attention_mask,
     build_norm,
-    column_linear,
     embed_tokens,
+    lm_head,
+    lm_logits,
     lm_loss,
-    normal_init,
     pad_to_multiple,
     run_blocks,
     token_embedding,
@@ -49,6 +48,45 @@ class EncoderOutput:
     padding_mask_BS: torch.Tensor | None
 
 
+def t5_units(cfg: ModelConfig) -> dict[str, int]:
+    """The init unit (layers.unit_init) of each part of a T5; blocks number from their
+    stack's entry on."""
+    n_enc, n_dec = cfg.n_layers, cfg.decoder_layers
+    return {
+        "embed": 0,
+        "enc_bias": 1,
+        "encoder": 2,
+        "dec_bias": 2 + n_enc,
+        "decoder": 3 + n_enc,
+        "head": 3 + n_enc + n_dec,
+    }
+
+
+def t5_embedding(cfg: ModelConfig, tpc: TensorParallel):
+    """T5's init: embeddings N(0, 1), which the d_model**-0.5 of the tied output brings back
+    to unit-scale logits; an untied head gets fan-in scaling to the same effect (t5_head)."""
+    return token_embedding(cfg, tpc, std=1.0)
+
+
+def t5_head(cfg: ModelConfig, tpc: TensorParallel):
+    return lm_head(cfg, tpc, std=cfg.d_model**-0.5)
+
+
+def t5_block(cfg: ModelConfig, tpc: TensorParallel, *, cross: bool) -> Block:
+    """Unscaled scores q.k with the query init scaled by head_size**-0.5 start out like
+    scaled dot-product attention (Mesh TensorFlow's T5 convention)."""
+    n = cfg.decoder_layers if cross else cfg.n_layers
+    q_std = cfg.init_std * cfg.head_dim**-0.5
+    return Block(cfg, tpc, n_layers=n, cross=cross, scale=1.0, q_init_std=q_std)
+
+
+def t5_logits(h_SBD, tpc: TensorParallel, head=None, weight=None) -> torch.Tensor:
+    """Decoder logits; tied, T5 rescales the decoder output so the embedding serves both ends."""
+    if head is not None:
+        return lm_logits(h_SBD, tpc, head)
+    return lm_logits(h_SBD * h_SBD.shape[-1] ** -0.5, tpc, None, weight)  # d_model**-0.5
+
+
 class T5(ParallelModel):
     def __init__(
         self,
@@ -56,32 +94,29 @@ class T5(ParallelModel):
         tp_group: Any,
         tp_size: int = 1,
         sequence_parallel: bool = False,
+        seed: int | None = None,
     ):
-        super().__init__(cfg, tp_group, tp_size, sequence_parallel)
+        super().__init__(cfg, tp_group, tp_size, sequence_parallel, seed)
         tpc = self.tpc
-        # T5's init: embeddings N(0, 1), which the d_model**-0.5 of the tied output brings
-        # back to unit-scale logits; an untied head gets fan-in scaling to the same effect.
-        self.embed = token_embedding(cfg, tpc, std=1.0)
-        self.enc_bias = RelativePositionBias(cfg, tpc, bidirectional=True)
-        self.dec_bias = RelativePositionBias(cfg, tpc, bidirectional=False)
-        # Unscaled scores q.k with the query init scaled by head_size**-0.5 start out like
-        # scaled dot-product attention (Mesh TensorFlow's T5 convention).
-        block_kw = dict(scale=1.0, q_init_std=cfg.init_std * cfg.head_dim**-0.5)
-        self.encoder = nn.ModuleList(
-            Block(cfg, tpc, n_layers=cfg.n_layers, **block_kw) for _ in range(cfg.n_layers)
-        )
-        n_dec = cfg.decoder_layers
-        self.decoder = nn.ModuleList(
-            Block(cfg, tpc, n_layers=n_dec, cross=True, **block_kw) for _ in range(n_dec)
-        )
+        n_enc, n_dec = cfg.n_layers, cfg.decoder_layers
+        # Units with their own init seeds (t5_units), numbered as the pipeline's layers.
+        units = t5_units(cfg)
+        with self.unit(units["embed"]):
+            self.embed = t5_embedding(cfg, tpc)
+        with self.unit(units["enc_bias"]):
+            self.enc_bias = RelativePositionBias(cfg, tpc, bidirectional=True)
+        with self.unit(units["dec_bias"]):
+            self.dec_bias = RelativePositionBias(cfg, tpc, bidirectional=False)
+        self.encoder = self.stack(units["encoder"], n_enc, lambda: t5_block(cfg, tpc, cross=False))
+        self.decoder = self.stack(units["decoder"], n_dec, lambda: t5_block(cfg, tpc, cross=True))
         pre = cfg.norm_position == "pre"
         self.enc_norm = build_norm(cfg, tpc) if pre else None
         self.dec_norm = build_norm(cfg, tpc) if pre else None
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = ResidualDropout(cfg.dropout, tpc)
         self.head = None
         if not cfg.tie_embeddings:
-            head_init = normal_init(cfg.d_model**-0.5)
-            self.head = column_linear(cfg.d_model, cfg.vocab_size, False, head_init, tpc)
+            with self.unit(units["head"]):
+                self.head = t5_head(cfg, tpc)
 
     def _pad(self, tokens_BS: torch.Tensor, padding_BS: torch.Tensor | None):
         """Pad a sequence to a multiple of the TP size under sequence parallelism, with the
@@ -107,7 +142,7 @@ class T5(ParallelModel):
             key_padding_BK=enc_padding_mask,
             position_bias_1HQK=self.enc_bias(s, s),
         )
-        x_SBD = run_blocks(self.encoder, x_SBD, self.cfg.activation_checkpointing, mask)
+        x_SBD = run_blocks(self.encoder, x_SBD, mask)
         if self.enc_norm is not None:
             x_SBD = self.enc_norm(x_SBD)
         return EncoderOutput(self.drop(x_SBD), enc_padding_mask)
@@ -135,23 +170,13 @@ class T5(ParallelModel):
         cross_mask = attention_mask(
             s, s_enc, causal=False, key_padding_BK=memory.padding_mask_BS, **kw
         )
-        x_SBD = run_blocks(
-            self.decoder, x_SBD, self.cfg.activation_checkpointing, self_mask, enc, cross_mask
-        )
+        x_SBD = run_blocks(self.decoder, x_SBD, self_mask, enc, cross_mask)
         if self.dec_norm is not None:
             x_SBD = self.dec_norm(x_SBD)
         return self._logits_parallel(self.drop(x_SBD))
 
     def _logits_parallel(self, h_SBD: torch.Tensor) -> torch.Tensor:
-        if self.tpc.sequence_parallel:
-            h_SBD = gather_sequence(h_SBD, self.tpc.group)
-        elif self.head is None:
-            h_SBD = tp.copy_to_tensor_model_parallel_region(h_SBD, group=self.tpc.group)
-        if self.head is not None:
-            logits, _ = self.head(h_SBD)
-            return logits
-        # Tied: T5 rescales the decoder output so the embedding can serve both ends.
-        return F.linear(h_SBD * self.cfg.d_model**-0.5, self.embed.weight)
+        return t5_logits(h_SBD, self.tpc, self.head, self.embed.weight)
 
     def decode(
         self,
@@ -173,6 +198,7 @@ class T5(ParallelModel):
         loss_mask: torch.Tensor | None = None,
         enc_padding_mask: torch.Tensor | None = None,
         dec_padding_mask: torch.Tensor | None = None,
+        loss_tokens: torch.Tensor | None = None,
     ):
         """Mean cross-entropy over the decoder positions where loss_mask is 1 (all without one)
         when targets are given, else full decoder logits [b, s_dec, v]."""
@@ -185,4 +211,4 @@ class T5(ParallelModel):
             loss_mask = pad_to_multiple(scored if loss_mask is None else loss_mask, pad)
             targets = pad_to_multiple(targets, pad)
         logits_SBV = self.decode_parallel(dec_tokens, memory, dec_padding_mask)
-        return lm_loss(logits_SBV, targets, loss_mask, self.tpc)
+        return lm_loss(logits_SBV, targets, loss_mask, self.tpc, loss_tokens)

@@ -23,13 +23,14 @@ gradient check must fail on the no_dgrad_reduce run while its step-1 loss still 
 
 from __future__ import annotations
 
-import math
 import time
 import typing
 from pathlib import Path
 
+import equivalence as eq
 import launching
 import pytest
+from equivalence import rel
 from tp_cases import (
     BASE,
     CASES,
@@ -123,52 +124,16 @@ def ref_and_run(runs, case: str, variant: str) -> tuple[dict, dict]:
 # --- the checks (each returns what failed, so controls can assert that it does) -------------
 
 
-def rel(a: float, b: float) -> float:
-    """|a - b| / |b|; infinite when the reference is 0 and the value is not."""
-    diff = abs(a - b)
-    if b == 0:
-        return 0.0 if diff == 0 else math.inf
-    return diff / abs(b)
-
-
-def rel_tensor(got, want) -> float:
-    """||got - want|| / ||want||, with rel's convention for an all-zero reference."""
-    diff, norm = float((got - want).norm()), float(want.norm())
-    if norm == 0:
-        return 0.0 if diff == 0 else math.inf
-    return diff / norm
-
-
-def within(r: float, tol: float) -> bool:
-    return r <= tol  # False for NaN: a NaN loss or gradient fails every check
-
-
 def step1_loss_failures(ref: dict, got: dict) -> list[str]:
-    r = rel(got["losses"][0], ref["losses"][0])
-    if within(r, LOSS_RTOL_STEP1):
-        return []
-    return [f"step-1 loss {got['losses'][0]} vs {ref['losses'][0]}: rel {r:.2e}"]
+    return eq.step1_loss_failures(ref, got, LOSS_RTOL_STEP1)
 
 
 def step1_grad_failures(ref: dict, got: dict) -> list[str]:
-    bad = []
-    for name, g in ref["grads"].items():
-        r = rel_tensor(got["grads"][name], g)
-        if not within(r, GRAD_RTOL):
-            bad.append(f"{name}: rel {r:.2e}")
-    r = rel(got["grad_norms"][0], ref["grad_norms"][0])
-    if not within(r, GRAD_RTOL):
-        bad.append(f"global grad norm at step 1: rel {r:.2e}")
-    return bad
+    return eq.step1_grad_failures(ref, got, GRAD_RTOL)
 
 
 def trajectory_failures(ref: dict, got: dict) -> list[str]:
-    bad = []
-    for key in ("losses", "grad_norms"):
-        for step, (a, b) in enumerate(zip(got[key], ref[key], strict=True), 1):
-            if not within(rel(a, b), LOSS_RTOL_STEPS):
-                bad.append(f"{key} step {step}: {a} vs {b} (rel {rel(a, b):.2e})")
-    return bad
+    return eq.trajectory_failures(ref, got, LOSS_RTOL_STEPS)
 
 
 # --- tests --------------------------------------------------------------------------------

@@ -193,3 +193,29 @@ def test_checkpoints_are_complete_and_resume_continues_the_mlflow_run(runs):
     assert run.info.status == "FINISHED"
     log = (runs["tmp"] / "runs" / "split" / "train.log").read_text()
     assert "resumed from" in log and "step     20/20" in log and "saved checkpoint" in log
+
+
+def test_memory_per_rank_is_printed_and_tracked(runs):
+    """The start-up memory line and its MLflow metrics (pretrain.memory), checked against the
+    model's parameter count: ZeRO-1 at DP=2 keeps every fp32 parameter (4 bytes each) and half
+    of the fp32 master copy and the two Adam moments (12 / 2 bytes each)."""
+    import mlflow
+
+    from pretrain.config import load_config
+    from pretrain.models.flops import param_count
+
+    cfg = load_config(launching.ROOT / "configs" / "tiny.yaml", ["model.vocab_size=512"])
+    n = param_count(cfg.model)
+    client = mlflow.MlflowClient(f"sqlite:///{runs['tmp'] / 'runs' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("pretrain")
+    run = client.search_runs([exp.experiment_id], "attributes.run_name = 'straight'")[0]
+    metrics = {
+        k: client.get_metric_history(run.info.run_id, f"memory_{k}_mib")
+        for k in ("params", "grads", "optimizer", "activations_peak")
+    }
+    assert [m.step for m in metrics["params"]] == [1]
+    assert metrics["params"][0].value * 2**20 == pytest.approx(4 * n, rel=1e-3)
+    assert metrics["optimizer"][0].value * 2**20 == pytest.approx(6 * n, rel=1e-2)
+    assert metrics["grads"][0].value > 0 and metrics["activations_peak"][0].value > 0
+    log = (runs["tmp"] / "runs" / "straight" / "train.log").read_text()
+    assert "memory per rank: params " in log and "(step 1)" in log

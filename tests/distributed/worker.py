@@ -40,6 +40,11 @@ def main() -> None:
         "zero_stage": trainer.engine.zero_optimization_stage(),
         "grad_norms": [m["grad_norm"] for m in trainer.history],
     }
+    write_records(out, record, layout)
+
+
+def write_records(out: str, record: dict, layout) -> None:
+    """Every rank's record, gathered into one JSON list on rank 0; then the groups end."""
     gathered = [None] * layout.world_size
     dist.all_gather_object(gathered, record)
     if layout.is_main:

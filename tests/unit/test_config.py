@@ -143,7 +143,7 @@ def test_run_dir_and_checkpoint_dir():
         ("optim.lr=1", "optim", "lr", 1.0),  # int widens to float
         ("model.bias=false", "model", "bias", False),
         ("tracking.enabled=no", "tracking", "enabled", False),
-        ("model.activation_checkpointing=true", "model", "activation_checkpointing", True),
+        ("model.recompute=selective", "model", "recompute", "selective"),
         ("run.exit_after_steps=null", "run", "exit_after_steps", None),
         ("model.ffn_hidden=~", "model", "ffn_hidden", None),
         (
@@ -295,6 +295,20 @@ VALIDATE_CASES = [
     ov("model.vocab_size", ["model.vocab_size=1"], "model.vocab_size", 1, ">= 2"),
     ov("model.dropout-one", ["model.dropout=1.0"], "model.dropout", 1.0, "[0, 1)"),
     ov("model.dropout-negative", ["model.dropout=-0.1"], "model.dropout", -0.1, "[0, 1)"),
+    ov(
+        "model.recompute_interval",
+        ["model.recompute=full", "model.recompute_interval=0"],
+        "model.recompute_interval",
+        0,
+        ">= 1",
+    ),
+    ov(
+        "model.recompute_interval-without-recompute",
+        ["model.recompute_interval=2"],
+        "model.recompute_interval",
+        2,
+        "no effect with model.recompute=none",
+    ),
     ov("model.init_std", ["model.init_std=0"], "model.init_std", 0.0, "positive"),
     ov("model.norm_eps", ["model.norm_eps=0"], "model.norm_eps", 0.0, "positive"),
     ov("model.rope_theta", ["model.rope_theta=-1"], "model.rope_theta", -1.0, "positive"),
@@ -376,7 +390,27 @@ VALIDATE_CASES = [
     # parallel
     ov("parallel.tp", ["parallel.tp=0"], "parallel.tp", 0, ">= 1"),
     ov("parallel.pp", ["parallel.pp=0"], "parallel.pp", 0, ">= 1"),
-    ov("parallel.pp-not-built", ["parallel.pp=2"], "parallel.pp", 2, "not built yet"),
+    ov(
+        "parallel.zero_stage-with-pp",
+        ["parallel.pp=2", "parallel.zero_stage=2"],
+        "parallel.zero_stage",
+        2,
+        "use parallel.zero_stage=1",
+    ),
+    ov(
+        "parallel.pp-more-than-blocks",
+        ["parallel.pp=8", "model.n_layers=4"],
+        "parallel.pp",
+        8,
+        "parallel.pp <= 4",
+    ),
+    ov(
+        "parallel.pp-uniform-indivisible",
+        ["parallel.pp=3", "model.n_layers=4", "parallel.pipeline_partition=uniform"],
+        "parallel.pp",
+        3,
+        "pipeline_partition=parameters",
+    ),
     ov(
         "parallel.micro_batch_size",
         ["parallel.micro_batch_size=0"],
@@ -419,6 +453,13 @@ VALIDATE_CASES = [
         "optim.warmup_steps",
         60,
         "decay length 50",
+    ),
+    ov(
+        "bf16-without-zero",
+        ["run.precision=bf16", "parallel.zero_stage=0"],
+        "parallel.zero_stage",
+        0,
+        "set parallel.zero_stage=1",
     ),
     ov(
         "vocab_size-not-divisible-by-tp",

@@ -263,7 +263,9 @@ def test_t5_greedy_generation_copies_after_training(world1):
     batch = span_batch()
     untrained = build(world1, cfg).eval()
     model = build(world1, cfg)
-    train(model, batch, steps=60)
+    # 60 steps sufficed for some inits and not others (measured over seeds 0-3 when the
+    # per-unit init seeding came in); at 120 every seed tried copies the targets exactly.
+    train(model, batch, steps=120)
     model.eval()
     enc = batch["enc_tokens"][0].tolist()
     want = batch["targets"][0].tolist()

@@ -1,0 +1,109 @@
+"""How one optimizer step and one evaluation batch run, per engine kind, decided in one place.
+
+The trainer keeps one loop. A data-parallel engine (DeepSpeedEngine) runs each micro-batch as
+forward, backward, step; a pipeline engine (PipelineEngine) takes all of a step's micro-batches
+at once in `train_batch`/`eval_batch` and schedules them 1F1B over its stages. `runner_for`
+picks the runner; both return the step's token-weighted loss, identical on every rank.
+
+Token weighting: each micro-batch's loss is the sum of its per-token losses divided by
+`loss_tokens` = (scored tokens of the whole step over all micro-batches and data-parallel ranks)
+/ (micro-batches x data-parallel ranks). DeepSpeed averages over micro-batches and ranks, so the
+step's loss and gradient are the sum over every scored token of the step divided by their
+number: those of one batch holding all the step's sequences, however it was split, also when
+micro-batches score different numbers of tokens (masked LM, span corruption, document masks).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pretrain.distributed import Layout
+from pretrain.models.layers import scored_tokens
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def add_loss_tokens(micro: list[dict[str, torch.Tensor]], layout: Layout) -> float:
+    """Give every micro-batch of a step its `loss_tokens` share (see the module docstring);
+    returns the step's scored tokens over all data-parallel ranks. Only batches with a loss mask
+    need the one all-reduce: without one every sequence scores all its targets."""
+    local = sum(scored_tokens(b) for b in micro)
+    if any("loss_mask" in b for b in micro) and layout.dp_size > 1:
+        count = torch.tensor(float(local), dtype=torch.float64, device=layout.device)
+        dist.all_reduce(count, group=layout.dp_group)
+        total = float(count.item())
+    else:
+        total = float(local * layout.dp_size)
+    share = torch.tensor(max(total, 1.0) / (layout.dp_size * len(micro)), dtype=torch.float32)
+    for batch in micro:
+        batch["loss_tokens"] = share
+    return total
+
+
+class DataParallelSteps:
+    """DeepSpeedEngine: forward, backward and step per micro-batch (DeepSpeed accumulates and
+    steps the optimizer at the last one)."""
+
+    def __init__(self, engine: Any, layout: Layout):
+        self.engine, self.layout = engine, layout
+
+    def _mean_over_ranks(self, loss_sum: torch.Tensor, n_micro: int) -> float:
+        dist.all_reduce(loss_sum, group=self.layout.dp_group)
+        return loss_sum.item() / (n_micro * self.layout.dp_size)
+
+    def train(self, micro: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+        from pretrain.engine import grad_norm_now, records_grad_norm
+
+        device, engine = self.layout.device, self.engine
+        loss_sum, norm = torch.zeros((), device=device), None
+        for i, batch in enumerate(micro):
+            loss = engine(**to_device(batch, device))
+            engine.backward(loss)
+            if i == len(micro) - 1 and not records_grad_norm(engine):
+                norm = grad_norm_now(engine)
+            engine.step()
+            loss_sum += loss.detach().float()
+        if norm is None:
+            norm = float(engine.get_global_grad_norm())
+        return self._mean_over_ranks(loss_sum, len(micro)), norm
+
+    def eval(self, micro: list[dict[str, torch.Tensor]]) -> float:
+        total = torch.zeros((), device=self.layout.device)
+        for batch in micro:
+            total += self.engine(**to_device(batch, self.layout.device)).float()
+        return self._mean_over_ranks(total, len(micro))
+
+
+class PipelineSteps:
+    """PipelineEngine: the step's micro-batches as (inputs, labels) pairs through the 1F1B
+    schedule; the loss comes back averaged over micro-batches and data-parallel ranks and
+    broadcast to every stage."""
+
+    def __init__(self, engine: Any, layout: Layout, family: str):
+        from pretrain.models.pipeline import FAMILIES
+
+        self.engine, self.layout, self.family = engine, layout, FAMILIES[family]
+
+    def _pairs(self, micro: list[dict[str, torch.Tensor]]):
+        return iter([self.family.split(b) for b in micro])
+
+    def train(self, micro: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+        loss = self.engine.train_batch(self._pairs(micro))
+        return float(loss.item()), float(self.engine.get_global_grad_norm())
+
+    def eval(self, micro: list[dict[str, torch.Tensor]]) -> float:
+        loss = self.engine.eval_batch(self._pairs(micro), num_micro_batches=len(micro))
+        return float(loss.item())
+
+
+def runner_for(engine: Any, layout: Layout, family: str) -> DataParallelSteps | PipelineSteps:
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    if isinstance(engine, PipelineEngine):
+        return PipelineSteps(engine, layout, family)
+    return DataParallelSteps(engine, layout)
