@@ -477,6 +477,24 @@ def build_pipeline(
         loss_fn=partial(pipeline_loss, tpc),
         partition_method=PARTITION_METHODS[partition],
     )
+    blockless = [
+        stage
+        for stage in range(layout.pp_size)
+        if not any(
+            isinstance(getattr(spec, "typename", None), type)
+            and issubclass(spec.typename, StackBlock)
+            for spec in pipe._layer_specs[pipe.parts[stage] : pipe.parts[stage + 1]]
+        )
+    ]
+    if blockless:
+        # Measured: at ZeRO-1, 4 stages of a 4-block GPT partitioned by parameters put the
+        # embedding alone on stage 0 and the tied head alone on stage 3, and DeepSpeed's ZeRO
+        # optimizer then waits in a model-parallel all-reduce that those stages never join.
+        raise ValueError(
+            f"parallel.pipeline_partition={partition} leaves pipeline stages {blockless} without "
+            f"a transformer block (boundaries {pipe.parts}); use pipeline_partition=uniform or "
+            f"fewer stages"
+        )
     pipe.tpc = tpc  # the stage's tensor-parallel context and generator (rng.model_rng)
     # The sequence-parallel gradient hooks, as build_model registers them on a whole model:
     # without them norms, row-parallel biases and the position table keep only this rank's

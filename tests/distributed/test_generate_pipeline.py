@@ -24,6 +24,7 @@ COMMON = [
     "parallel.micro_batch_size=2",
     "parallel.global_batch_size=4",
     "model.n_layers=3",  # an odd number of blocks: stages of unequal size
+    "parallel.pipeline_partition=parameters",
     "tracking.enabled=false",
 ]
 
