@@ -397,11 +397,11 @@ class ParallelConfig:
         "Shard norms and dropout over the sequence inside each tensor-parallel group "
         "(megatron's sequence parallelism); seq_len must divide by tp; no effect at tp=1.",
     )
-    pipeline_partition: Literal["parameters", "uniform"] = _f(
-        "parameters",
-        "How pipeline stages split the model (pp > 1): 'parameters' balances parameter counts "
-        "(the embedding counts), 'uniform' gives every stage the same number of transformer "
-        "blocks (they must divide by pp).",
+    pipeline_partition: Literal["uniform", "parameters"] = _f(
+        "uniform",
+        "How pipeline stages split the model (pp > 1): 'uniform' gives every stage the same "
+        "number of transformer blocks (they must divide by pp); 'parameters' balances parameter "
+        "counts (the embedding counts) and is refused when it leaves a stage without a block.",
     )
 
     def validate(self) -> None:
@@ -470,6 +470,10 @@ class ParallelConfig:
 class CheckpointConfig:
     interval: int = _f(0, "Save every N steps (0: only at the end and on exit).")
     keep_last: int = _f(3, "Keep the newest K complete checkpoints (0: keep all).")
+    keep_every: int = _f(
+        0,
+        "Also keep, beyond keep_last, every checkpoint whose step is a multiple of M (0: none).",
+    )
     dir: str | None = _f(None, "Checkpoint directory (null: <run dir>/checkpoints).")
     exclude_from_loading: list[str] = _f(
         [],
@@ -482,6 +486,7 @@ class CheckpointConfig:
     def validate(self) -> None:
         _need(self.interval >= 0, "checkpoint.interval", self.interval, "use >= 0")
         _need(self.keep_last >= 0, "checkpoint.keep_last", self.keep_last, "use >= 0")
+        _need(self.keep_every >= 0, "checkpoint.keep_every", self.keep_every, "use >= 0")
         for part in self.exclude_from_loading:
             _need(
                 part in self.LOADABLE,

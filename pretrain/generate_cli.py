@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def find_checkpoint(path: Path) -> tuple[Path, Path | None]:
     """(step directory, the run's config.yaml or None) for a run dir, a checkpoints dir or a
     step dir."""
-    from pretrain.checkpoint import PREFIX, complete_checkpoints, is_complete
+    from pretrain.checkpoint import PREFIX, head, is_complete
 
     if not path.exists():
         raise CheckpointError(f"{path}: no such run directory or checkpoint")
@@ -57,15 +57,15 @@ def find_checkpoint(path: Path) -> tuple[Path, Path | None]:
         return path, run_cfg if run_cfg.is_file() else None
     run_cfg = path / "config.yaml" if (path / "config.yaml").is_file() else None
     ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    found = complete_checkpoints(ckpt_dir)
-    if not found:
+    found = head(ckpt_dir)  # the live lineage's newest, as run.resume=auto takes it
+    if found is None:
         raise CheckpointError(
             f"{path} holds no complete checkpoint; pass a run directory that has "
             f"checkpoints/step_*/COMPLETE, or one such step directory"
         )
     if run_cfg is None and (ckpt_dir.parent / "config.yaml").is_file():
         run_cfg = ckpt_dir.parent / "config.yaml"
-    return found[-1], run_cfg
+    return found, run_cfg
 
 
 def checkpoint_meta(step_dir: Path) -> dict[str, Any]:

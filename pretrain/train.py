@@ -88,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     layout = distributed.setup(cfg)
     try:
         run(cfg, info, resume_from, layout)
+    except CheckpointError as e:  # raised alike on every rank (checkpoint.agree, verify)
+        if layout.is_main:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         distributed.teardown()
     return 0
@@ -96,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(cfg: Config, info: Any, resume_from: Path | None, layout):
     """Build everything for this rank and train; returns the trainer (tests inspect it)."""
     from data_pipeline.loader import make_batches
+    from pretrain import checkpoint
     from pretrain import trainer as T
     from pretrain.distributed import seed_all
     from pretrain.engine import build_engine, build_model_for
@@ -105,6 +110,7 @@ def run(cfg: Config, info: Any, resume_from: Path | None, layout):
     from pretrain.tracking import Tracker
 
     say = RunLog(cfg.run.run_dir / "train.log" if layout.is_main else None)
+    checkpoint.agree(resume_from, layout)  # every rank loads rank 0's choice, or none does
     seed_all(cfg.run.seed)  # identical initial weights on every rank
     model = build_model_for(cfg, layout)  # partitioned while it is built under ZeRO-3
     # Dropout streams: distinct per data-parallel rank, shared inside a tensor-parallel group
@@ -155,6 +161,10 @@ def run(cfg: Config, info: Any, resume_from: Path | None, layout):
     if resume_from is not None:
         trainer.load(resume_from)
     start_step = trainer.state.step
+    if layout.is_main:  # after every rank has read the checkpoint it starts from
+        moved = checkpoint.start_branch(cfg.checkpoint_dir, resume_from)
+        if moved:
+            say(moved)
 
     run_dir = cfg.run.run_dir
     if layout.is_main:
@@ -185,6 +195,10 @@ def run(cfg: Config, info: Any, resume_from: Path | None, layout):
         say(f"resumed from {resume_from} at step {start_step}")
 
     evals, saves = T.EvalHook(say), T.CheckpointHook(say)
+    if resume_from is not None and resume_from.parent.resolve() == cfg.checkpoint_dir.resolve():
+        # This step is already saved here: a relaunched finished run must not rewrite (and,
+        # interrupted, lose) its final checkpoint.
+        saves.saved_step, saves.last_path = start_step, resume_from
     trainer.hooks = [
         T.NaNGuard(),
         T.ProgressHook(say),

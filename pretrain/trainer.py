@@ -146,6 +146,9 @@ class Trainer:
             # its state a resumed run would redraw the attention dropout masks of step 0.
             {"rng": rng_state(), "model_rng": model_rng(self.engine.module).state_dict()},
             self.cfg.checkpoint.keep_last,
+            self.cfg.checkpoint.keep_every,
+            # What check_compatible compares before the next resume's process group exists.
+            {"model": checkpoint.model_shape(self.cfg), "precision": self.cfg.run.precision},
         )
 
     def load(self, path: Path) -> None:

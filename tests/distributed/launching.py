@@ -12,9 +12,18 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "tests" / "distributed" / "worker.py"
 
 
-def torchrun(script: Path, args: list[str], nproc: int, log: Path, timeout: int = 600) -> None:
-    """Run `script args` as `nproc` ranks (gloo, one thread each); the output goes to `log`,
-    and a failed launch fails the test with the end of it."""
+def torchrun(
+    script: Path,
+    args: list[str],
+    nproc: int,
+    log: Path,
+    timeout: int = 600,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
+    """Run `script args` as `nproc` ranks (gloo, one thread each) with `env` added; the output
+    goes to `log`, and a failed launch fails the test with the end of it unless `check` is
+    false (a test that expects the failure)."""
     cmd = [
         sys.executable,
         "-m",
@@ -24,11 +33,12 @@ def torchrun(script: Path, args: list[str], nproc: int, log: Path, timeout: int 
         str(script),
         *args,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     text = proc.stdout + proc.stderr
     log.write_text(text)
-    assert proc.returncode == 0, f"{log.stem} failed:\n{text[-6000:]}"
+    assert not check or proc.returncode == 0, f"{log.stem} failed:\n{text[-6000:]}"
+    return proc
 
 
 def launch(tmp: Path, name: str, config: str, *overrides: str, nproc: int = 2) -> list[dict]:

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain import distributed
+from pretrain.errors import CheckpointError
 from pretrain.train import prepare, run
 
 
@@ -27,7 +28,13 @@ def main() -> None:
     out, argv = sys.argv[1], sys.argv[2:]
     cfg, info, resume_from = prepare(argv)
     layout = distributed.setup(cfg)
-    trainer = run(cfg, info, resume_from, layout)
+    try:
+        trainer = run(cfg, info, resume_from, layout)
+    except CheckpointError as e:  # as pretrain.train.main reports it: one line, exit status 2
+        if layout.is_main:
+            print(f"error: {e}", file=sys.stderr)
+        distributed.teardown()
+        sys.exit(2)
     record = {
         "rank": layout.rank,
         "losses": [m["loss"] for m in trainer.history],

@@ -4,18 +4,25 @@ is covered by tests/distributed/test_training.py."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
 from pretrain.checkpoint import (
+    ABANDONED,
     COMPLETE,
+    MANIFEST,
     _prune,
     check_compatible,
     complete_checkpoints,
+    model_shape,
     resolve_resume,
+    start_branch,
+    step_of,
     tag_for,
+    verify_files,
 )
 from pretrain.config import load_config
 from pretrain.errors import CheckpointError
@@ -123,3 +130,132 @@ def test_prune_keeps_the_newest_and_drops_stale_partial_saves(tmp_path):
     assert left == [tag_for(30), tag_for(40), tag_for(50)]
     _prune(tmp_path, keep_last=0)  # 0 keeps every complete checkpoint
     assert sorted(p.name for p in tmp_path.iterdir()) == left
+
+
+# --- lineage, integrity and the new refusals ----------------------------------------------
+
+
+def test_auto_follows_latest_not_the_highest_step(tmp_path):
+    fake_checkpoint(tmp_path, 10)
+    fifteen = fake_checkpoint(tmp_path, 15)
+    fake_checkpoint(tmp_path, 20)  # a higher step that `latest` does not name
+    (tmp_path / "latest").write_text(tag_for(15))
+    assert resolve_resume("auto", tmp_path) == fifteen
+    (tmp_path / "latest").write_text(tag_for(30))  # names nothing complete
+    with pytest.raises(CheckpointError, match="step_00000030.*not a complete checkpoint"):
+        resolve_resume("auto", tmp_path)
+
+
+def test_rollback_moves_newer_checkpoints_aside_and_repoints_latest(tmp_path):
+    ten = fake_checkpoint(tmp_path, 10)
+    for step in (20, 30):
+        fake_checkpoint(tmp_path, step)
+    (tmp_path / "latest").write_text(tag_for(30))
+    line = start_branch(tmp_path, ten)
+    assert "step_00000020, step_00000030" in line
+    assert (tmp_path / "latest").read_text() == tag_for(10)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == [tag_for(10)]
+    moved = sorted(p.name for p in (tmp_path / ABANDONED).glob("*/step_*"))
+    assert moved == [tag_for(20), tag_for(30)]
+    # Continuing `latest` moves nothing.
+    assert start_branch(tmp_path, ten) is None
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == [tag_for(10)]
+
+
+def test_branch_from_another_directory_moves_every_checkpoint_aside(tmp_path):
+    other = fake_checkpoint(tmp_path / "other", 50)
+    fake_checkpoint(tmp_path / "mine", 10)
+    (tmp_path / "mine" / "latest").write_text(tag_for(10))
+    assert start_branch(tmp_path / "mine", other) is not None
+    assert not list((tmp_path / "mine").glob("step_*"))
+    assert not (tmp_path / "mine" / "latest").exists()
+
+
+def test_prune_keeps_every_mth_step(tmp_path):
+    for step in range(10, 110, 10):
+        fake_checkpoint(tmp_path, step)
+    _prune(tmp_path, keep_last=2, keep_every=30)
+    left = sorted(step_of(p) for p in complete_checkpoints(tmp_path))
+    assert left == [30, 60, 90, 100]
+
+
+def test_verify_files_names_a_changed_or_missing_file(tmp_path):
+    path = fake_checkpoint(tmp_path, 10)
+    shard = path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    shard.write_bytes(bytes(range(256)) * 4)
+    sums = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in path.glob("*.pt")}
+    (path / MANIFEST).write_text("".join(f"{h}  {n}\n" for n, h in sums.items()))
+    assert verify_files(path) == []
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0x10
+    shard.write_bytes(bytes(data))
+    assert verify_files(path) == [f"{shard} does not match its checksum in {MANIFEST}"]
+    (path / "mp_rank_00_model_states.pt").unlink()
+    assert f"{path / 'mp_rank_00_model_states.pt'} is missing" in verify_files(path)
+    # Each rank checks only its share; together they cover every file.
+    shares = [verify_files(path, r, 2) for r in range(2)]
+    assert sorted(shares[0] + shares[1]) == sorted(verify_files(path))
+
+
+SHAPE = {
+    "family": "gpt",
+    "n_layers": 4,
+    "n_decoder_layers": 4,
+    "d_model": 128,
+    "n_heads": 4,
+    "n_kv_heads": 4,
+    "ffn_hidden": 512,
+    "vocab_size": 512,
+    "activation": "gelu",
+    "positions": "learned",
+    "norm": "layernorm",
+    "bias": True,
+    "tie_embeddings": True,
+}
+
+
+@pytest.mark.parametrize(
+    "meta, overrides, dp, message",
+    [
+        (
+            {"model": SHAPE},
+            ("model.d_model=256",),
+            2,
+            "model.d_model: checkpoint 128, this run 256",
+        ),
+        ({"model": SHAPE}, ("model.n_layers=6",), 2, "model.n_layers: checkpoint 4, this run 6"),
+        # ZeRO-3 <-> 0/1/2 cannot load even without the optimizer state.
+        ({"zero_stage": 3}, ("parallel.zero_stage=1",), 2, "stored differently"),
+        ({"zero_stage": 0}, ("parallel.zero_stage=3",), 2, "stored differently"),
+        # bf16 at ZeRO-0 (older versions allowed it, without recording the precision) shards
+        # its optimizer state over DP ranks in *optim_states.pt files.
+        ({"zero_stage": 0, "optim_file": True}, ("parallel.zero_stage=0",), 4, "ZeRO-0 optim"),
+        ({"precision": "fp32"}, ("run.precision=bf16",), 2, "run.precision=fp32"),
+    ],
+)
+def test_more_incompatible_checkpoints_are_refused(tmp_path, meta, overrides, dp, message):
+    optim_file = meta.pop("optim_file", False)
+    path = fake_checkpoint(tmp_path, 10, **meta)
+    if optim_file:
+        (path / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    config = cfg("model.vocab_size=512", *overrides, "checkpoint.exclude_from_loading=[]")
+    with pytest.raises(CheckpointError, match=message):
+        check_compatible(path, config, IDENTITY, dp=dp)
+    if "stored differently" in message or "model." in message:  # no override helps these
+        excluded = cfg(
+            "model.vocab_size=512", *overrides, "checkpoint.exclude_from_loading=[optimizer]"
+        )
+        with pytest.raises(CheckpointError, match=message):
+            check_compatible(path, excluded, IDENTITY, dp=dp)
+    else:  # a fresh optimizer state makes the deliberate change go through
+        excluded = cfg(
+            "model.vocab_size=512", *overrides, "checkpoint.exclude_from_loading=[optimizer]"
+        )
+        check_compatible(path, excluded, IDENTITY, dp=dp)
+
+
+def test_the_same_shape_passes(tmp_path):
+    shape = model_shape(cfg("model.vocab_size=512"))
+    check_compatible(
+        fake_checkpoint(tmp_path, 10, model=shape), cfg("model.vocab_size=512"), IDENTITY, 2
+    )

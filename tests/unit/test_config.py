@@ -430,6 +430,7 @@ VALIDATE_CASES = [
     # checkpoint
     ov("checkpoint.interval", ["checkpoint.interval=-1"], "checkpoint.interval", -1, ">= 0"),
     ov("checkpoint.keep_last", ["checkpoint.keep_last=-1"], "checkpoint.keep_last", -1, ">= 0"),
+    ov("checkpoint.keep_every", ["checkpoint.keep_every=-5"], "checkpoint.keep_every", -5, ">= 0"),
     ov(
         "checkpoint.exclude_from_loading",
         ["checkpoint.exclude_from_loading=[data,optimiser]"],
