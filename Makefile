@@ -7,7 +7,7 @@ DATA   := data/stdlib
 # The demo's two data-parallel processes on CPU; one thread each keeps them off each other's core.
 NPROC  ?= 2
 
-.PHONY: install demo data test test-fast lint format docs bench clean
+.PHONY: install demo data test test-fast lint format docs bench clean slurm-up slurm-down
 
 install: $(STAMP)
 
@@ -45,6 +45,14 @@ docs: install
 
 bench: install data
 	$(BIN)/python benchmarks/throughput.py
+
+# A real single-node Slurm for trying `pretrain-launch --slurm` (root; installs the Debian packages).
+# `make test` needs neither: tests/slurm starts and stops the cluster itself, or skips.
+slurm-up:
+	scripts/slurm_cluster.sh start
+
+slurm-down:
+	scripts/slurm_cluster.sh stop
 
 clean:
 	rm -rf runs data build *.egg-info

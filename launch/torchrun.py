@@ -15,8 +15,9 @@ class Topology:
     nnodes: int = 1
     nproc_per_node: int = 1
     node_rank: int = 0
-    master_addr: str = "127.0.0.1"
+    master_addr: str = "127.0.0.1"  # the first node: it hosts the c10d rendezvous store
     master_port: int = 29500
+    rdzv_id: str = "pretrain"  # the same on every node of one job, different between jobs
 
     @property
     def world_size(self) -> int:
@@ -31,13 +32,33 @@ def torchrun_command(
     if topo.nnodes == 1:
         cmd.append("--standalone")  # a private rendezvous on a free local port
     else:
-        cmd += [
-            f"--nnodes={topo.nnodes}",
-            f"--node-rank={topo.node_rank}",
-            f"--master-addr={topo.master_addr}",
-            f"--master-port={topo.master_port}",
-        ]
+        cmd += multi_node_args(
+            topo.nnodes,
+            str(topo.node_rank),
+            topo.master_addr,
+            str(topo.master_port),
+            topo.rdzv_id,
+            is_host=str(int(topo.node_rank == 0)),
+        )
     return cmd + ["-m", "pretrain.train", config_path, *overrides]
+
+
+def multi_node_args(
+    nnodes: int, node_rank: str, host: str, port: str, rdzv_id: str, is_host: str
+) -> list[str]:
+    """torchrun's options for one node of many: a c10d rendezvous whose store lives on the first
+    node. The arguments are strings so the Slurm script can pass shell variables ($SLURM_NODEID).
+
+    is_host is explicit because torchrun otherwise guesses it from the host name, and every
+    "node" guesses yes when several share one machine (tests, or two jobs on one node)."""
+    return [
+        f"--nnodes={nnodes}",
+        f"--node-rank={node_rank}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={host}:{port}",
+        f"--rdzv-id={rdzv_id}",
+        f"--rdzv-conf=is_host={is_host}",
+    ]
 
 
 def check_topology(cfg: Config, topo: Topology) -> None:

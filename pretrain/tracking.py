@@ -24,6 +24,22 @@ def tracking_uri(cfg: Config) -> str:
     return f"sqlite:///{(Path(cfg.run.output_dir) / 'mlflow.db').resolve()}"
 
 
+def ensure_experiment(cfg: Config, uri: str) -> str:
+    """Create the store and the experiment if missing; the experiment's name. Job array tasks
+    call this once each under a file lock before training (launch.tracking_store), since two
+    processes creating one SQLite store or experiment at the same time fail."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    name = cfg.tracking.experiment
+    if mlflow.get_experiment_by_name(name) is None:
+        artifacts = None
+        if uri.startswith("sqlite:"):
+            artifacts = (Path(cfg.run.output_dir) / "mlartifacts").resolve().as_uri()
+        mlflow.create_experiment(name, artifact_location=artifacts)
+    return name
+
+
 class Tracker:
     """Records params, metrics and artifacts; a no-op on ranks other than 0 or when disabled."""
 
@@ -41,13 +57,7 @@ class Tracker:
         import mlflow
 
         self._mlflow = mlflow
-        mlflow.set_tracking_uri(self.uri)
-        name = self.cfg.tracking.experiment
-        if mlflow.get_experiment_by_name(name) is None:
-            artifacts = None
-            if self.uri.startswith("sqlite:"):
-                artifacts = (Path(self.cfg.run.output_dir) / "mlartifacts").resolve().as_uri()
-            mlflow.create_experiment(name, artifact_location=artifacts)
+        name = ensure_experiment(self.cfg, self.uri)
         mlflow.set_experiment(name)
         run = mlflow.start_run(run_id=run_id, run_name=None if run_id else self.cfg.run.name)
         self.run_id = run.info.run_id

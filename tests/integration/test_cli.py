@@ -93,8 +93,9 @@ def test_launch_dry_run_multi_node(capsys, no_launch):
         "--nproc-per-node=2",
         "--nnodes=2",
         "--node-rank=1",
-        "--master-addr=10.0.0.1",
-        "--master-port=4242",
+        "--rdzv-backend=c10d",  # the store on the first node, at the given address and port
+        "--rdzv-endpoint=10.0.0.1:4242",
+        "--rdzv-conf=is_host=0",
     ):
         assert arg in cmd
     assert "--standalone" not in cmd
