@@ -64,3 +64,29 @@ def world1():
 def _skip_gpu_without_cuda(request):
     if request.node.get_closest_marker("gpu") and not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+
+
+@pytest.fixture
+def group_starts(monkeypatch) -> list[str]:
+    """Every attempt to start a process group during the test, recorded and refused. (Other
+    tests of the session may hold a world of one already, so "no group exists" cannot be
+    asserted here; "none is started" can.)"""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    calls: list[str] = []
+
+    def refuse(name):
+        def start(*args, **kwargs):
+            calls.append(name)
+            raise RuntimeError(f"{name} called while the layout is being checked")
+
+        return start
+
+    for module, name in (
+        (dist, "init_process_group"),
+        (dist, "new_group"),
+        (ps, "initialize_model_parallel"),
+    ):
+        monkeypatch.setattr(module, name, refuse(name))
+    return calls

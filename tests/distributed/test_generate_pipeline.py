@@ -65,14 +65,17 @@ def runs(tmp_path_factory, small_dataset):
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_process_world_ends_with_the_module():
-    """load_model starts a world of one in this process; later tests expect none."""
-    yield
+    """load_model starts a world of one in this process when none exists; one this module
+    started ends with it (later tests expect none), one that existed before (another module's
+    session fixture) is left alone."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    if ps.model_parallel_is_initialized():
+    existed = dist.is_initialized(), ps.model_parallel_is_initialized()
+    yield
+    if not existed[1] and ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    if dist.is_initialized():
+    if not existed[0] and dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -49,32 +49,6 @@ REFUSED = [
 ]  # fmt: skip
 
 
-@pytest.fixture
-def group_starts(monkeypatch) -> list[str]:
-    """Every attempt to start a process group during the test, recorded and refused. (Other
-    tests of the session may hold a world of one already, so "no group exists" cannot be
-    asserted here; "none is started" can.)"""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    calls: list[str] = []
-
-    def refuse(name):
-        def start(*args, **kwargs):
-            calls.append(name)
-            raise RuntimeError(f"{name} called while the layout is being checked")
-
-        return start
-
-    for module, name in (
-        (dist, "init_process_group"),
-        (dist, "new_group"),
-        (ps, "initialize_model_parallel"),
-    ):
-        monkeypatch.setattr(module, name, refuse(name))
-    return calls
-
-
 @pytest.fixture(scope="module")
 def warm(small_dataset):
     """Import what prepare imports and read the dataset once, so the timing below measures the
