@@ -126,6 +126,7 @@ def partitioned_init(cfg: Config, layout: Layout):
 
         def __init__(self, param_dtype: torch.dtype):
             self.param_dtype = param_dtype
+            self.release_freed_memory = freed_memory_releaser()
             super().__init__(
                 config_dict_or_path=deepspeed_config(cfg, layout),
                 # The DP group: with TP > 1 the default (the world) would partition, and
@@ -141,13 +142,14 @@ def partitioned_init(cfg: Config, layout: Layout):
                 if not is_zero_param(p) and p.dtype != self.param_dtype:
                     p.data = p.data.to(self.param_dtype)
             super()._post_init_method(module)
-            release_freed_memory()
+            self.release_freed_memory()
 
     return PartitionedInit(torch.bfloat16 if cfg.run.precision == "bf16" else torch.float32)
 
 
-def release_freed_memory() -> None:
-    """Hand freed heap pages back to the system (glibc's malloc_trim; elsewhere a no-op).
+def freed_memory_releaser():
+    """A function that hands freed heap pages back to the system (glibc's malloc_trim; a no-op
+    elsewhere). Resolved once: find_library runs `ldconfig -p` each time it is called.
 
     Each module built under zero.Init allocates its full weights (and megatron's master copy),
     then keeps a 1/dp partition allocated after them and frees the full ones. glibc raises its
@@ -164,8 +166,7 @@ def release_freed_memory() -> None:
         trim = ctypes.CDLL(name).malloc_trim if name else None
     except (OSError, AttributeError):
         trim = None
-    if trim is not None:
-        trim(0)
+    return (lambda: trim(0)) if trim is not None else (lambda: None)
 
 
 def build_engine(cfg: Config, layout: Layout, model: nn.Module):
