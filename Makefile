@@ -7,7 +7,7 @@ DATA   := data/stdlib
 # The demo's two data-parallel processes on CPU; one thread each keeps them off each other's core.
 NPROC  ?= 2
 
-.PHONY: install demo data test test-fast lint format docs bench clean slurm-up slurm-down
+.PHONY: install demo data test test-fast test-gpu check lint format docs bench clean slurm-up slurm-down
 
 install: $(STAMP)
 
@@ -26,11 +26,16 @@ data: install
 demo: install data
 	$(BIN)/pretrain-launch configs/demo.yaml --nproc-per-node $(NPROC)
 
-test: install
+test: install check
 	$(BIN)/pytest -q
 
 test-fast: install
 	$(BIN)/pytest -q -m "not slow"
+
+# Static checks of the package code: ruff's lint rules and mypy (config in pyproject.toml).
+check: install
+	$(BIN)/ruff check pretrain launch data_pipeline
+	$(BIN)/mypy
 
 lint: install
 	$(BIN)/ruff check .
@@ -43,8 +48,25 @@ format: install
 docs: install
 	$(BIN)/python -m pretrain.config > docs/config.md
 
+# Every benchmark, figures written into docs/benchmarks.md (benchmarks/suite.py). The char-level
+# parity config reads a bytes-tokenized build of the same corpus.
 bench: install data
-	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/pretrain-data build --stdlib --out data/stdlib_bytes --tokenizer bytes --val-fraction 0.05
+	$(BIN)/python benchmarks/suite.py
+
+# Users' single-GPU CI lane: the gpu-marked tests, then every family's tiny config trained in bf16
+# on one GPU. Without CUDA it says so and exits 0 (nothing to run there).
+test-gpu: install data
+	@if ! $(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+		echo "make test-gpu: no CUDA device here; the gpu-marked tests and bf16 runs need one"; \
+	else \
+		$(BIN)/pytest -q -m gpu && \
+		for c in configs/tiny*.yaml; do \
+			$(BIN)/pretrain-train $$c run.device=cuda run.precision=bf16 parallel.zero_stage=1 \
+				run.train_steps=20 run.output_dir=runs/test-gpu run.resume=never \
+				tracking.enabled=false || exit 1; \
+		done; \
+	fi
 
 # A real single-node Slurm for trying `pretrain-launch --slurm` (root; installs the Debian packages).
 # `make test` needs neither: tests/slurm starts and stops the cluster itself, or skips.

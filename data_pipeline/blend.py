@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from data_pipeline.blend_spec import parse_blend_entry
 from data_pipeline.dataset import DatasetInfo
 from data_pipeline.digest import json_sha256
 from data_pipeline.errors import DataError
@@ -31,17 +32,10 @@ def parse_blend(entries: Sequence[str]) -> list[tuple[float, str]]:
     """(weight, path) of each "WEIGHT PATH" entry of data.blend; DataError on a bad entry."""
     out = []
     for i, entry in enumerate(entries):
-        parts = str(entry).split(maxsplit=1)
         try:
-            weight = float(parts[0]) if len(parts) == 2 else math.nan
-        except ValueError:
-            weight = math.nan
-        if not (math.isfinite(weight) and weight > 0):
-            raise DataError(
-                f"data.blend[{i}] = {entry!r}: use 'WEIGHT PATH' with a positive weight, "
-                f"e.g. '0.3 data/code'"
-            )
-        out.append((weight, parts[1].strip()))
+            out.append(parse_blend_entry(entry))
+        except ValueError as e:
+            raise DataError(f"data.blend[{i}] = {entry!r}: {e}") from None
     if not out:
         raise DataError("data.blend is empty; list 'WEIGHT PATH' entries or use data.path")
     return out
@@ -77,7 +71,7 @@ class BlendSchedule:
         # Share of level k among the sequences that datasets 0 .. k-1 did not take.
         self._share = [w / math.fsum(self.weights[k:]) for k, w in enumerate(self.weights[:-1])]
 
-    def _taken(self, level: int, n: np.ndarray) -> np.ndarray:
+    def _taken(self, level: int, n: np.ndarray | np.integer) -> np.ndarray:
         return np.floor(n * self._share[level] + 0.5).astype(np.int64)
 
     def assign(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

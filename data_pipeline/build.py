@@ -1,10 +1,11 @@
 """The dataset builder: sources -> tokenizer -> token ids -> shards, manifest and counts.
 
-``build`` streams documents, so memory stays flat whatever the corpus size, and encodes them
-in worker processes (``data_pipeline.encode``) with output identical for any number of
-workers. It writes into a staging directory next to the output and renames it into place at
-the end (``data_pipeline.writer``), so a crash never leaves a half-written dataset behind;
-and it does nothing when the output already holds a complete dataset built from the same
+``build`` streams documents, so memory stays flat whatever the number of documents (it grows
+with the largest single document: a plain-text file is one document, read and encoded whole),
+and encodes them in worker processes (``data_pipeline.encode``) with output identical for any
+number of workers. It writes into a staging directory next to the output and renames it into
+place at the end (``data_pipeline.writer``), so a crash never leaves a half-written dataset
+behind; and it does nothing when the output already holds a complete dataset built from the same
 inputs and settings.
 """
 
@@ -16,6 +17,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tokenizers
@@ -217,7 +219,7 @@ def given_tokenizer(tokenizer: str | os.PathLike[str] | None) -> Tokenizer | Non
         return None
     if str(tokenizer) == BYTES_TOKENIZER:
         return Tokenizer.bytes()
-    return Tokenizer.load(tokenizer)
+    return Tokenizer.load(Path(tokenizer))
 
 
 def _tokenizer_settings(
@@ -251,7 +253,7 @@ def _tokenizer_settings(
     )
 
 
-def _as_float(value: object) -> object:
+def _as_float(value: Any) -> Any:
     """Numbers as float; anything else as is, for ``check`` to reject by name."""
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     return float(value) if is_number else value

@@ -29,9 +29,11 @@ from data_pipeline.build import (
     BuildResult,
     build,
 )
+from data_pipeline.dataset import check_digest
+from data_pipeline.digest import file_digest
 from data_pipeline.errors import DataError
 from data_pipeline.importers import FLAT_DTYPES, import_tokens
-from data_pipeline.shards import SPLITS, check_complete, iter_shard, verify
+from data_pipeline.shards import SPLITS, ShardRecord, check_complete, iter_shard, verify
 from data_pipeline.sources import stdlib_sources
 from data_pipeline.tokenizer import Tokenizer
 from data_pipeline.writer import summarize
@@ -58,12 +60,14 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pretrain-data",
         description="Build, import, inspect and verify tokenized datasets.",
+        epilog="examples:\n" + __doc__.split("\n\n")[1],  # the module docstring's commands
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
     _add_build(commands)
     _add_import(commands)
     inspect = commands.add_parser("inspect", help="print a dataset's counts and samples")
-    inspect.add_argument("dataset", type=Path, metavar="DIR")
+    inspect.add_argument("dataset", type=Path, metavar="DIR", help="dataset, e.g. data/stdlib")
     inspect.add_argument("--split", choices=SPLITS, default="train", help="split to sample")
     inspect.add_argument("--samples", type=int, default=3, help="documents to decode (default 3)")
     inspect.add_argument(
@@ -73,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser(
         "verify", help="re-hash every shard and check every token id against the vocabulary"
     )
-    check.add_argument("dataset", type=Path, metavar="DIR")
+    check.add_argument("dataset", type=Path, metavar="DIR", help="dataset, e.g. data/stdlib")
     check.set_defaults(run=_run_verify)
     return parser
 
@@ -233,6 +237,11 @@ def _print_result(result: BuildResult, verb: str) -> None:
 
 def _run_inspect(args: argparse.Namespace) -> int:
     info, records = check_complete(args.dataset)
+    # What is shown is checked: every shard's size (a stat each), and the sha256 of each shard
+    # a sample is decoded from; `verify` hashes and reads them all.
+    for record in records:
+        size = (args.dataset / record.shard).stat().st_size
+        check_digest(args.dataset / record.shard, size, record.sha256, record.bytes, None)
     tok_info = info["tokenizer"]
     print(f"dataset      {args.dataset}")
     print(f"fingerprint  {info['fingerprint']}")
@@ -254,7 +263,8 @@ def _run_inspect(args: argparse.Namespace) -> int:
         print(
             f"{split:<6} {entry['documents']:>12,} {entry['tokens']:>14,} {len(entry['shards']):>7}"
         )
-    shards = [r.shard for r in records if r.split == args.split]
+    print(f"checked      the size of all {len(records)} shards (pretrain-data verify: contents)")
+    shards = [r for r in records if r.split == args.split]
     if shards and args.samples > 0:
         tok = Tokenizer.load(args.dataset / tok_info["file"])
         _print_samples(args.dataset, tok, shards, args.samples, args.tokens)
@@ -270,10 +280,16 @@ def _id_range(ids: list[int]) -> str:
     return str(ids)
 
 
-def _print_samples(root: Path, tok: Tokenizer, shards: list[str], samples: int, count: int) -> None:
-    """Decode the start of the split's first ``samples`` documents."""
+def _print_samples(
+    root: Path, tok: Tokenizer, shards: list[ShardRecord], samples: int, count: int
+) -> None:
+    """Decode the start of the split's first ``samples`` documents, from shards whose sha256
+    is the manifest's."""
     shown = 0
-    for shard in shards:
+    for record in shards:
+        shard = record.shard
+        size, digest = file_digest(root / shard)
+        check_digest(root / shard, size, digest, record.bytes, record.sha256)
         for key, ids in iter_shard(root / shard):
             print(
                 f"\n--- document {key} of {shard}: "

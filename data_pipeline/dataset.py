@@ -6,15 +6,13 @@ checks what the loader relies on, raising DataError with the fix.
 
 from __future__ import annotations
 
+import hashlib
 import io
-import json
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from data_pipeline.errors import DataError
 
@@ -27,6 +25,8 @@ class Shard:
     path: Path
     documents: int
     tokens: int
+    sha256: str | None = None  # from the manifest: checked when a rank first reads the shard
+    bytes: int | None = None
 
     @property
     def stream_length(self) -> int:
@@ -38,6 +38,9 @@ class DatasetInfo:
     """The metadata of a dataset directory written by `pretrain-data build`."""
 
     def __init__(self, path: str | Path):
+        # The one reader of dataset.json and the manifest (shards imports this module).
+        from data_pipeline.shards import read_dataset_info
+
         self.path = Path(path)
         meta_file = self.path / "dataset.json"
         if not meta_file.is_file():
@@ -45,8 +48,8 @@ class DatasetInfo:
                 f"no dataset at {self.path} (missing dataset.json); build one with "
                 f"`pretrain-data build --out {self.path} ...` or fix data.path"
             )
+        self.meta = read_dataset_info(self.path)  # keys, format version, dtype, splits
         try:
-            self.meta = json.loads(meta_file.read_text(encoding="utf-8"))
             self.fingerprint: str = self.meta["fingerprint"]
             self.dtype = np.dtype(self.meta["dtype"])
             tok = self.meta["tokenizer"]
@@ -67,17 +70,12 @@ class DatasetInfo:
         self.shards = self._read_manifest()
 
     def _read_manifest(self) -> dict[str, list[Shard]]:
-        path = self.path / "manifest.parquet"
-        try:
-            rows = pq.read_table(path).to_pylist()
-            shards: dict[str, list[Shard]] = {}
-            for row in rows:
-                shard = Shard(self.path / row["shard"], int(row["documents"]), int(row["tokens"]))
-                shards.setdefault(row["split"], []).append(shard)
-        except (OSError, KeyError, TypeError, pa.ArrowException) as e:
-            raise DataError(
-                f"cannot read {path} ({e}); the dataset is incomplete, {REBUILD}"
-            ) from None
+        from data_pipeline.shards import read_manifest
+
+        shards: dict[str, list[Shard]] = {}
+        for row in read_manifest(self.path):
+            shard = Shard(self.path / row.shard, row.documents, row.tokens, row.sha256, row.bytes)
+            shards.setdefault(row.split, []).append(shard)
         return shards
 
     @property
@@ -109,6 +107,16 @@ class DatasetInfo:
             )
         return shards
 
+    def check_sizes(self, split: str) -> None:
+        """DataError unless every shard of `split` exists with the manifest's size: a stat per
+        shard, cheap enough before every run (read_shard_stream checks contents later)."""
+        for shard in self.split(split):
+            try:
+                size = shard.path.stat().st_size
+            except OSError as e:
+                raise DataError(f"cannot read shard {shard.path} ({e}); {SHARD_FIX}") from None
+            check_digest(shard.path, size, "", shard.bytes, None)
+
     def max_token_id(self) -> int:
         """The largest id the loader can serve from this dataset, from token_counts.npz (no
         shard is read): the largest id counted in either split, or the end-of-document id."""
@@ -135,31 +143,66 @@ def check_vocab(info: DatasetInfo, vocab_size: int, emitted: tuple[int, ...] = (
         )
 
 
-def read_shard_stream(shard: Shard, eos_id: int, dtype: np.dtype | None = None) -> np.ndarray:
+SHARD_FIX = (
+    "run `pretrain-data verify` on the dataset to check the other shards, then restore the "
+    "shard from a copy or rebuild the dataset"
+)
+
+
+def check_digest(
+    shard: str | Path,
+    size: int,
+    sha256: str,
+    expected_bytes: int | None,
+    expected_sha256: str | None,
+) -> None:
+    """DataError unless a shard's size and sha256 are the manifest's (None: not recorded)."""
+    if expected_bytes is not None and size != expected_bytes:
+        raise DataError(
+            f"shard {shard} is truncated or corrupt: {size} bytes, the manifest says "
+            f"{expected_bytes}; {SHARD_FIX}"
+        )
+    if expected_sha256 is not None and sha256 != expected_sha256:
+        raise DataError(
+            f"shard {shard} is corrupt: sha256 {sha256[:12]} != {expected_sha256[:12]} in the "
+            f"manifest; {SHARD_FIX}"
+        )
+
+
+def read_shard_stream(
+    shard: Shard, eos_id: int, dtype: np.dtype | None = None, verify: bool = False
+) -> np.ndarray:
     """All documents of one shard, each followed by EOS, as one array in the shard's token
     dtype (uint16 for vocabularies up to 65536: a quarter of int64's memory in the window).
+    With `verify`, the bytes are first checked against the manifest's size and sha256, which
+    catches corruption that keeps every id in range (hashing costs a fraction of the read).
 
     The tar members are located with tarfile and their npy payloads viewed in place, which
     reads a shard several times faster than decoding it sample by sample.
     """
     try:
         data = shard.path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read shard {shard.path} ({e}); {SHARD_FIX}") from None
+    if verify:
+        digest = hashlib.sha256(data).hexdigest()
+        check_digest(shard.path, len(data), digest, shard.bytes, shard.sha256)
+    try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             members = tar.getmembers()
         docs = [_npy_payload(data, m) for m in members if m.isfile()]
     except (OSError, ValueError, tarfile.TarError) as e:
-        raise DataError(
-            f"cannot read shard {shard.path} ({e}); run `pretrain-data verify` on "
-            f"the dataset and rebuild it"
-        ) from None
+        raise DataError(f"cannot read shard {shard.path} ({e}); {SHARD_FIX}") from None
     tokens = sum(len(d) for d in docs)
     if len(docs) != shard.documents or tokens != shard.tokens:
         raise DataError(
             f"shard {shard.path} holds {tokens} tokens in {len(docs)} documents, the "
             f"manifest says {shard.tokens} in {shard.documents}: it is truncated or corrupt; "
-            f"rebuild the dataset"
+            f"{SHARD_FIX}"
         )
-    dtype = np.dtype(dtype) if dtype is not None else (docs[0].dtype if docs else np.uint32)
+    if dtype is None:
+        dtype = docs[0].dtype if docs else np.dtype(np.uint32)
+    dtype = np.dtype(dtype)
     stream = np.empty(tokens + len(docs), dtype=dtype)
     pos = 0
     for doc in docs:

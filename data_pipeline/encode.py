@@ -4,7 +4,8 @@ The main process reads the documents and cuts them into chunks of about CHUNK_BY
 chunk goes to a worker process that encodes it with its own copy of the tokenizer and sends
 back one flat id array plus the document lengths. Results are taken in submission order, so
 the output is the same whatever the number of workers, and at most IN_FLIGHT_PER_WORKER
-chunks per worker are read ahead, so memory stays flat whatever the corpus size.
+chunks per worker are read ahead, so memory stays flat whatever the number of documents (a
+chunk holds at least one whole document, so the largest document sets the ceiling).
 
 Each worker is single-threaded (TOKENIZERS_PARALLELISM=false): one worker is one core, and
 the workers do not fight the Rust thread pool over the same cores. ``workers=1`` encodes in
@@ -21,7 +22,7 @@ import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -40,7 +41,7 @@ Encoded = tuple[np.ndarray, np.ndarray]
 
 # Per-process state of a pool worker only: set once by ``_start_worker`` (the pool's
 # initializer) so a task need not carry the tokenizer; the main process never sets it.
-_worker_state: dict[str, object] = {}
+_worker_state: dict[str, Any] = {}
 
 
 def available_cores() -> int:

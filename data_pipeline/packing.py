@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import bisect
 from collections import OrderedDict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from data_pipeline.dataset import DatasetInfo, Shard, read_shard_stream
+from data_pipeline.dataset import SHARD_FIX, DatasetInfo, Shard, read_shard_stream
 from data_pipeline.errors import DataError
 
 SEED_MASK = 2**64 - 1  # numpy seeds must be non-negative; run.seed may not be
@@ -60,6 +59,7 @@ class PackedSequences:
                 f"one sequence of {seq_len + overlap}; use more data or a smaller seq_len"
             )
         self._cache: OrderedDict[Path, np.ndarray] = OrderedDict()
+        self._verified: set[Path] = set()  # shards whose checksum this process has checked
         self._cache_size = cache_shards
         self._window_key: tuple[int, int] | None = None
         self._window_val: tuple[np.ndarray, np.ndarray] | None = None
@@ -113,12 +113,18 @@ class PackedSequences:
 
     def _shard_tokens(self, shard: Shard) -> np.ndarray:
         if shard.path not in self._cache:
-            tokens = read_shard_stream(shard, self.info.eos_id, self.info.dtype)
+            # The checksum on this process's first read only: a re-read (the cache is small)
+            # costs no second hash, and what changed since would be no bit rot of ours.
+            first = shard.path not in self._verified
+            tokens = read_shard_stream(shard, self.info.eos_id, self.info.dtype, verify=first)
+            self._verified.add(shard.path)
             if self.vocab_limit is not None and len(tokens) and tokens.max() >= self.vocab_limit:
+                # The model was checked against token_counts.npz before the run, so an id
+                # beyond it here is a shard that does not match its dataset.
                 raise DataError(
-                    f"shard {shard.path} holds token id {int(tokens.max())}, but the model has "
-                    f"only {self.vocab_limit} embedding rows; raise model.vocab_size (or set it "
-                    f"to null) or rebuild the dataset with the model's tokenizer"
+                    f"shard {shard.path} holds token id {int(tokens.max())}, beyond the "
+                    f"{self.vocab_limit} embedding rows that the dataset's token counts allowed: "
+                    f"the shard is corrupt or from another dataset; {SHARD_FIX}"
                 )
             self._cache[shard.path] = tokens
             while len(self._cache) > self._cache_size:
@@ -170,9 +176,3 @@ class PackedSequences:
             out[done : done + take] = seqs[order[offset : offset + take]]
             done += take
         return out
-
-    def iter_from(self, index: int, chunk: int = 256) -> Iterator[np.ndarray]:
-        """Global sequences index, index + 1, ... forever (epoch after epoch)."""
-        while True:
-            yield from self.rows(index, chunk)
-            index += chunk

@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 
+from data_pipeline.dataset import check_digest
 from data_pipeline.digest import file_digest, file_sha256, json_sha256
 from data_pipeline.errors import DataError
 
@@ -371,16 +372,7 @@ def verify(dataset_dir: str | Path) -> VerifyReport:
     for record in records:
         path = root / record.shard
         size, actual = file_digest(path)
-        if size != record.bytes:
-            raise DataError(
-                f"shard {record.shard} in {root} is truncated or corrupt: {size} bytes, the "
-                f"manifest says {record.bytes}; restore it or rebuild the dataset"
-            )
-        if actual != record.sha256:
-            raise DataError(
-                f"shard {record.shard} in {root} is corrupt: sha256 {actual[:12]} != "
-                f"{record.sha256[:12]} in the manifest; restore it or rebuild the dataset"
-            )
+        check_digest(path, size, actual, record.bytes, record.sha256)
         shard_documents, shard_tokens = _check_shard_ids(path, record, dtype, vocab_size)
         if (shard_documents, shard_tokens) != (record.documents, record.tokens):
             raise DataError(

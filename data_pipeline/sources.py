@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import sysconfig
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,7 +161,7 @@ def stdlib_sources() -> list[Path]:
     Every machine with Python has it, so the demo needs no download.
     """
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = []
+    files: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in STDLIB_EXCLUDED_DIRS]
         files.extend(Path(dirpath, n) for n in filenames if n.endswith(".py"))
@@ -172,7 +172,7 @@ def stdlib_sources() -> list[Path]:
 
 def iter_documents(
     paths: Iterable[Path], text_field: str = "text", stats: SourceStats | None = None
-) -> Iterator[str]:
+) -> Generator[str, None, None]:
     """Yield every usable document of ``paths`` in order, counting skips into ``stats``."""
     stats = SourceStats() if stats is None else stats
     for path in paths:

@@ -15,6 +15,7 @@ the tokenizer and ``save`` writes a file with that same hash.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import itertools
 from collections.abc import Iterable, Sequence
@@ -139,7 +140,7 @@ class Tokenizer:
         Path(path).write_bytes(self._json_bytes)
 
     @property
-    def json_bytes(self) -> bytes:
+    def json_bytes(self) -> builtins.bytes:  # `bytes` alone is the classmethod below
         """The tokenizer.json bytes (what a worker process rebuilds the tokenizer from)."""
         return self._json_bytes
 

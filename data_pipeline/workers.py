@@ -5,8 +5,9 @@ overlap; each worker answers its tasks in the order it got them on a queue of it
 results come back in task order without any reordering buffer. Up to `prefetch` tasks per
 worker are in flight ahead of the one being waited for.
 
-The function must be picklable when the start method is not fork. Workers ignore SIGINT (the
-parent handles Ctrl-C and closes them) and exit by themselves when their parent dies.
+The function must be picklable when the start method is not fork. Workers ignore SIGINT and
+SIGUSR1 (the parent handles stop requests and closes them), die on SIGTERM, and exit by
+themselves when their parent dies (at once on Linux, within POLL_S elsewhere).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import time
 import traceback
 import weakref
 from collections import deque
@@ -24,10 +26,22 @@ from typing import Any
 from data_pipeline.errors import DataError
 
 POLL_S = 1.0  # how often a waiting side checks that the other is still alive
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 def _worker_main(fn: Callable[[Any], Any], tasks: Any, results: Any, parent: int) -> None:
+    # A forked worker inherits the trainer's stop handlers, which would turn the terminate()
+    # of close() into a no-op; stops are the parent's business (it closes us), so SIGINT and
+    # SIGUSR1 are ignored and SIGTERM kills.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_parent()
+    # Results nobody will read must not keep this process alive at exit (the queue's feeder
+    # thread would wait for the parent to drain the pipe).
+    results.cancel_join_thread()
+    if os.getppid() != parent:
+        return  # the parent died before we installed the death signal
     while True:
         try:
             task = tasks.get(timeout=POLL_S)
@@ -44,16 +58,33 @@ def _worker_main(fn: Callable[[Any], Any], tasks: Any, results: Any, parent: int
             results.put((kind, str(e) if kind == "data" else traceback.format_exc()))
 
 
+def _die_with_parent() -> None:
+    """Linux: the kernel sends SIGKILL when the parent dies, even of SIGKILL (elsewhere the
+    periodic parent check in _worker_main does it, within POLL_S)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
 def _shutdown(processes: list[Any], task_queues: list[Any], result_queues: list[Any]) -> None:
     for q in task_queues:
         try:
             q.put(None)
         except (OSError, ValueError):
             pass
+    deadline = time.monotonic() + 5  # for all of them: a polite exit after their task
     for p in processes:
-        p.join(timeout=5)
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    for p in processes:
         if p.is_alive():
             p.terminate()
+            p.join(timeout=5)
+        if p.is_alive():  # never leave a worker behind, whatever it is stuck in
+            p.kill()
             p.join(timeout=5)
     for q in (*task_queues, *result_queues):
         q.cancel_join_thread()  # never block interpreter exit on an unread result
@@ -89,7 +120,7 @@ class OrderedWorkers:
         ctx = mp.get_context(self.start_method)
         for i in range(self.num_workers):
             tasks, results = ctx.Queue(), ctx.Queue()
-            p = ctx.Process(
+            p = ctx.Process(  # type: ignore[attr-defined]
                 target=_worker_main,
                 args=(self.fn, tasks, results, os.getpid()),
                 name=f"loader-worker-{i}",

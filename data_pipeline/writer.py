@@ -76,7 +76,7 @@ class DatasetWriter:
         records = [r for s in SPLITS for r in self.splits[s].close()]
         _check_splits(self.splits, what_was_read, hint)
         totals = {s: self.counters[s].totals() for s in SPLITS}
-        np.savez(self.root / TOKEN_COUNTS_FILE, **totals)
+        np.savez(self.root / TOKEN_COUNTS_FILE, **totals)  # type: ignore[arg-type]
         write_manifest(self.root / MANIFEST_FILE, records)
         return records
 

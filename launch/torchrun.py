@@ -7,6 +7,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_pipeline.blend_spec import parse_blend_entry
 from pretrain.config import Config, ConfigError
 
 
@@ -74,7 +75,7 @@ def render(cmd: list[str]) -> str:
 def check_data(cfg: Config) -> None:
     """A missing dataset, found before any rank starts (a file check, no torch)."""
     blend = getattr(cfg.data, "blend", None) or []
-    paths = [entry.split(maxsplit=1)[-1] for entry in blend] or [cfg.data.path]
+    paths = [parse_blend_entry(entry)[1] for entry in blend] or [cfg.data.path]
     for path in paths:
         if not (Path(path) / "dataset.json").is_file():
             raise ConfigError(

@@ -126,19 +126,23 @@ def resolve_resume(resume: str, ckpt_dir: Path) -> Path | None:
     return path
 
 
-def check_compatible(path: Path, cfg: Config, data_identity: dict[str, Any], dp: int) -> None:
+def check_compatible(path: Path, cfg: Config, data_identity: dict[str, Any], dp: int) -> list[str]:
     """Refuse, before any process group exists, a resume that would fail or silently
-    misbehave after start-up: another model-parallel layout, another ZeRO stage or data-parallel
-    size for sharded optimizer state, or other data than the checkpoint was trained on."""
+    misbehave after start-up: another model, or other data than the checkpoint was trained
+    on. Returns what differs in the layout (empty: DeepSpeed loads it as saved), which
+    pretrain.reshard then bridges."""
+    from pretrain import reshard
+
     meta = json.loads((path / COMPLETE).read_text())
-    p, exclude = cfg.parallel, cfg.checkpoint.exclude_from_loading
+    exclude = cfg.checkpoint.exclude_from_loading
     saved_shape = meta.get("model")  # absent from checkpoints of older versions
     if saved_shape is not None:
         mine = model_shape(cfg)
         diff = [
             f"model.{k}: checkpoint {v!r}, this run {mine.get(k)!r}"
             for k, v in saved_shape.items()
-            if mine.get(k) != v
+            # The padded row count follows the layout; the tokenizer's size must not change.
+            if mine.get(k) != v and k != "vocab_size"
         ]
         if diff:
             # No override: weights of another shape cannot be loaded, whatever is excluded.
@@ -147,51 +151,9 @@ def check_compatible(path: Path, cfg: Config, data_identity: dict[str, Any], dp:
                 f"those values back to resume it, or train the new shape as a new run "
                 f"(another run.name, or run.resume=never)"
             )
-    if (meta["tp"], meta["pp"]) != (p.tp, p.pp):
-        raise CheckpointError(
-            f"checkpoint {path} was saved with tp={meta['tp']}, pp={meta['pp']}; this run has "
-            f"tp={p.tp}, pp={p.pp}: resume with the same model-parallel layout"
-        )
-    stage = meta.get("zero_stage", 0)
-    if (stage == 3) != (p.zero_stage == 3):
-        # ZeRO-3 keeps the weights in per-rank shard files, the other stages in whole files:
-        # DeepSpeed cannot load one into the other even with the optimizer state excluded.
-        raise CheckpointError(
-            f"checkpoint {path} was saved with ZeRO stage {stage}, this run uses "
-            f"parallel.zero_stage={p.zero_stage}: the weights of ZeRO-3 and of stages 0-2 are "
-            f"stored differently, so resume at parallel.zero_stage={stage}"
-            + (" (or 3)" if stage != 3 else "")
-        )
-    # bf16 at ZeRO-0 (older versions allowed it) keeps DP-sharded optimizer state like ZeRO-1,
-    # in *optim_states.pt files; older checkpoints do not record their precision, the files do.
-    saved_precision = meta.get("precision")
-    sharded_optimizer = stage > 0 or saved_precision == "bf16" or any(path.glob("*optim_states.pt"))
-    kind = f"ZeRO-{stage}" + (" bf16" if saved_precision == "bf16" else "")
-    if stage == 3 and meta["dp"] != dp:
-        raise CheckpointError(
-            f"checkpoint {path} holds ZeRO-3 weight shards of {meta['dp']} data-parallel ranks; "
-            f"this run has {dp}: launch {meta['world_size']} processes to resume it"
-        )
-    if "optimizer" not in exclude:
-        if stage != p.zero_stage:
-            raise CheckpointError(
-                f"checkpoint {path} was saved with ZeRO stage {stage}, this run uses "
-                f"parallel.zero_stage={p.zero_stage}: use the same stage, or add 'optimizer' to "
-                f"checkpoint.exclude_from_loading to start the optimizer state afresh"
-            )
-        if saved_precision is not None and saved_precision != cfg.run.precision:
-            raise CheckpointError(
-                f"checkpoint {path} was saved with run.precision={saved_precision}, this run "
-                f"uses {cfg.run.precision}: their optimizer states differ; use "
-                f"run.precision={saved_precision}, or add 'optimizer' to "
-                f"checkpoint.exclude_from_loading to start the optimizer state afresh"
-            )
-        if sharded_optimizer and meta["dp"] != dp:
-            raise CheckpointError(
-                f"checkpoint {path} holds {kind} optimizer shards of {meta['dp']} "
-                f"data-parallel ranks; this run has {dp}: launch {meta['world_size']} processes, "
-                f"or add 'optimizer' to checkpoint.exclude_from_loading"
-            )
+    change = layout_change(meta, cfg, dp)
+    if change:
+        reshard.check_reshardable(path, meta, saved_shape or {}, cfg.model.vocab_size)
     saved = meta.get("data") or {}
     if "data" not in exclude and saved:
         # data_identity: the state_dict() of the loader this run will build, less its position.
@@ -203,6 +165,42 @@ def check_compatible(path: Path, cfg: Config, data_identity: dict[str, Any], dp:
                     f"settings, or add 'data' to checkpoint.exclude_from_loading to start the "
                     f"data afresh"
                 )
+    return change
+
+
+def layout_change(meta: dict[str, Any], cfg: Config, dp: int) -> list[str]:
+    """How this run's layout differs from the checkpoint's where DeepSpeed's loader cannot
+    follow ('tp 2 -> 1', ...); empty when it loads the checkpoint as saved."""
+    from pretrain import reshard
+
+    p = cfg.parallel
+    wanted = {
+        "tp": p.tp,
+        "pp": p.pp,
+        "dp": dp,
+        "zero_stage": p.zero_stage,
+        "precision": cfg.run.precision,
+        "vocab_rows": cfg.model.vocab_size,
+    }
+    return reshard.changes(reshard.layout_of(meta), wanted)
+
+
+def check_files(path: Path) -> None:
+    """Refuse, before any process group exists, a checkpoint with a file missing: one its
+    manifest lists (model and optimizer shards, rank files) or a rank file of a rank that
+    saved it. Sizes and checksums are left to `verify`, which hashes in parallel once the
+    ranks exist."""
+    meta = json.loads((path / COMPLETE).read_text())
+    expected = set(read_manifest(path) or ())
+    expected |= {f"rank_{r:05d}.pt" for r in range(int(meta.get("world_size", 0)))}
+    missing = sorted(name for name in expected if not (path / name).is_file())
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        shown = ", ".join(missing[:3]) + more
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete: {shown} missing; restore the files from a copy, "
+            f"or resume from another checkpoint (run.resume=PATH)"
+        )
 
 
 def model_shape(cfg: Config) -> dict[str, Any]:
@@ -218,6 +216,7 @@ def model_shape(cfg: Config) -> dict[str, Any]:
         "n_kv_heads": m.kv_heads,
         "ffn_hidden": m.ffn_size,
         "vocab_size": m.vocab_size,
+        "tokenizer_vocab": m.tokenizer_vocab,
         "activation": m.activation,
         "positions": m.positions,
         "norm": m.norm,
@@ -262,6 +261,8 @@ def save(
     _kill_hook(step, layout.rank)
     dist.barrier()  # every shard is on disk before it is hashed
     manifest = _hash_files(work, layout)
+    dims: list[Any] = [None] * layout.world_size
+    dist.all_gather_object(dims, tp_dims(engine.module))
     if layout.is_main:
         (work / MANIFEST).write_text("".join(f"{h}  {name}\n" for name, h in manifest))
         meta = {
@@ -272,6 +273,8 @@ def save(
             "pp": layout.pp_size,
             "zero_stage": engine.zero_optimization_stage(),
             "data": {k: v for k, v in client_state["data"].items() if k != "consumed"},
+            # How each tensor-parallel parameter is split, for resharding (pretrain.reshard).
+            "tp_dims": {k: v for part in dims for k, v in part.items()},
             "time": time.time(),
             **(extra_meta or {}),
         }
@@ -283,6 +286,20 @@ def save(
         _prune(ckpt_dir, keep_last, keep_every)
     dist.barrier()
     return path
+
+
+def tp_dims(module: Any) -> dict[str, int]:
+    """{one-process parameter name: the dimension its tensor-parallel shards split} of this
+    rank's (stage's) parameters; replicated ones are absent. megatron's layers and ours mark
+    split parameters with `tensor_model_parallel` and `partition_dim`."""
+    from pretrain.reshard import _model_names
+
+    names = _model_names(module)
+    return {
+        names.get(n, n): int(p.partition_dim)
+        for n, p in module.named_parameters()
+        if getattr(p, "tensor_model_parallel", False)
+    }
 
 
 def _kill_hook(step: int, rank: int) -> None:
@@ -304,7 +321,7 @@ def _hash_files(directory: Path, layout: Layout) -> list[tuple[str, str]]:
     """(relative name, sha256) of every file under `directory`, sorted. Collective: rank 0
     lists the files (one listing, whatever another node's file-system cache shows) and each
     rank hashes every world_size-th one, so hashing costs 1/world_size of the bytes per rank."""
-    names = [None]
+    names: list[Any] = [None]
     if layout.is_main:
         names = [sorted(str(f.relative_to(directory)) for f in directory.rglob("*") if f.is_file())]
     dist.broadcast_object_list(names, src=0)
@@ -439,11 +456,22 @@ def _prune(ckpt_dir: Path, keep_last: int, keep_every: int = 0) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def load(engine: Any, layout: Layout, path: Path, exclude: list[str]) -> tuple[dict, dict | None]:
+def load(
+    engine: Any, layout: Layout, path: Path, exclude: list[str], cfg: Config | None = None
+) -> tuple[dict, dict | None]:
     """Load a complete checkpoint into the engine. Returns (client_state, this rank's state or
-    None when the checkpoint has no file for this rank, e.g. it was saved by fewer ranks)."""
-    verify(path, layout)
+    None when the checkpoint has no file for this rank: saved by fewer ranks, or on another
+    layout, whose per-rank streams do not map onto this one's). A checkpoint of another layout
+    (with `cfg`) is loaded from its consolidated form (pretrain.reshard)."""
+    from pretrain import reshard
+
     meta = json.loads((path / COMPLETE).read_text())
+    change = layout_change(meta, cfg, layout.dp_size) if cfg is not None else []
+    if change:
+        udir = reshard.ensure_universal(path)  # made in prepare(); here if it was not
+    verify(path, layout)
+    if change:
+        return reshard.load_universal(engine, layout, cfg, udir, exclude), None
     if meta["tp"] != layout.tp_size or meta["pp"] != layout.pp_size:
         raise CheckpointError(
             f"checkpoint {path} was saved with tp={meta['tp']}, pp={meta['pp']}; this run has "
@@ -462,5 +490,36 @@ def load(engine: Any, layout: Layout, path: Path, exclude: list[str]) -> tuple[d
             f"DeepSpeed could not load {path}; check that it is a checkpoint of this model"
         )
     rank_file = path / f"rank_{layout.rank:05d}.pt"
+    if not rank_file.is_file() and layout.rank < meta["world_size"]:
+        check_files(path)  # this rank saved one: its RNG state must not be silently dropped
     rank_state = torch.load(rank_file, weights_only=False) if rank_file.is_file() else None
     return client_state, rank_state
+
+
+def check_run_config(cfg: Config) -> None:
+    """Refuse a run directory whose config.yaml (written by every launch) describes another
+    model: the launch would mix two runs' logs and checkpoints. Compared are the settings that
+    shape the weights (model_shape), as a resume compares them."""
+    import yaml
+
+    from pretrain.config import ConfigError
+
+    path = cfg.run.run_dir / "config.yaml"
+    try:
+        old = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return
+    mine = model_shape(cfg)
+    differ = {
+        k: (old.get(k), v)
+        for k, v in mine.items()
+        if k in old and old[k] is not None and old[k] != v and k not in ("n_decoder_layers",)
+    }
+    if differ:
+        what = ", ".join(f"model.{k} {a!r} there, {b!r} here" for k, (a, b) in differ.items())
+        raise ConfigError(
+            "run.name",
+            cfg.run.name,
+            f"the run directory {cfg.run.run_dir} holds another run's config ({what}); use a new "
+            f"run.name or run.output_dir, or remove that directory",
+        )

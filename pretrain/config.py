@@ -32,7 +32,8 @@ class ConfigError(ValueError):
 def _f(default: Any, help: str, **kw: Any) -> Any:
     """A dataclass field with its documentation attached (rendered by `describe()`)."""
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+        factory: Any = lambda d=default: type(d)(d)  # a fresh copy per instance
+        return field(default_factory=factory, metadata={"help": help}, **kw)
     return field(default=default, metadata={"help": help}, **kw)
 
 
@@ -56,6 +57,12 @@ class RunConfig:
         "'never': start fresh (refuses a run directory that holds checkpoints); "
         "or a path to a checkpoint directory.",
     )
+    branch_from: str | None = _f(
+        None,
+        "With resume=auto: the checkpoint (step directory) to start from while the run "
+        "directory holds none yet, e.g. a cooldown branched from a warmup-stable-decay run; "
+        "once this run has saved, it resumes from its own checkpoints.",
+    )
     exit_after_steps: int | None = _f(
         None,
         "Save a checkpoint and exit after this many steps of this launch (as a preempted "
@@ -72,6 +79,16 @@ class RunConfig:
     )
     sample_prompt: str = _f("", "Prompt for a sample generated at the end of training.")
     sample_tokens: int = _f(0, "Tokens to sample at the end of training (0: none).")
+    peak_flops: float | None = _f(
+        None,
+        "Peak FLOP/s of one device for MFU (null: from the table in pretrain/perf.py for the "
+        "detected GPU and precision, or an estimate for CPU threads).",
+    )
+    profile_steps: list[int] = _f(
+        [],
+        "[a, b]: record a torch.profiler trace of steps a..b into the run directory "
+        "(profile/); empty: no profiling.",
+    )
 
     def validate(self) -> None:
         _need(
@@ -95,6 +112,16 @@ class RunConfig:
                 self.exit_after_steps,
                 "use an integer >= 1, or null to run to the end",
             )
+        if self.peak_flops is not None:
+            _need(self.peak_flops > 0, "run.peak_flops", self.peak_flops, "use FLOP/s > 0, or null")
+        if self.profile_steps:
+            a_b = self.profile_steps
+            _need(
+                len(a_b) == 2 and 1 <= a_b[0] <= a_b[1],
+                "run.profile_steps",
+                a_b,
+                "use [first, last] step numbers with 1 <= first <= last, or []",
+            )
         if self.exit_after_minutes is not None:
             _need(
                 self.exit_after_minutes > 0,
@@ -108,6 +135,14 @@ class RunConfig:
             self.resume,
             "use 'auto', 'never' or a checkpoint directory",
         )
+        if self.branch_from is not None:
+            _need(
+                self.resume == "auto" and bool(self.branch_from.strip()),
+                "run.branch_from",
+                self.branch_from,
+                f"needs run.resume=auto (got {self.resume!r}) and a checkpoint step directory; "
+                f"or set run.branch_from=null",
+            )
 
     @property
     def run_dir(self) -> Path:
@@ -128,7 +163,7 @@ class ModelConfig:
     n_kv_heads: int | None = _f(
         None,
         "Key/value heads: null or n_heads is multi-head, 1 multi-query, anything between "
-        "grouped-query attention. Must divide n_heads and parallel.tp.",
+        "grouped-query attention. Must divide n_heads and divide by parallel.tp.",
     )
     ffn_hidden: int | None = _f(None, "MLP hidden size (null: 4 * d_model).")
     seq_len: int = _f(128, "Tokens per training sequence.")
@@ -136,6 +171,11 @@ class ModelConfig:
         None, "Embedding rows (null: the dataset tokenizer's size, padded to vocab_multiple)."
     )
     vocab_multiple: int = _f(64, "Pad the vocabulary to a multiple of this times TP (speed).")
+    tokenizer_vocab: int | None = _f(
+        None,
+        "Tokens the tokenizer has (null: set from the dataset). Rows of the embedding above it "
+        "are padding whose logits are masked, so a checkpoint loads under another padding.",
+    )
     positions: Literal["learned", "sinusoidal", "rope", "relative"] = _f(
         "learned",
         "Learned absolute, fixed sinusoidal, rotary, or T5's bucketed relative position bias "
@@ -173,6 +213,52 @@ class ModelConfig:
         1,
         "With recompute full or selective: recompute the blocks whose index (0-based, counted "
         "per stack) % recompute_interval == 0, i.e. blocks 0, N, 2N, ... (1: every block).",
+    )
+    moe_experts: int = _f(
+        0,
+        "Experts per mixture-of-experts layer (0: a dense model). docs/moe.md; GPT only.",
+    )
+    moe_every: int = _f(
+        2, "Every N-th block is MoE: blocks N-1, 2N-1, ... (2: every other block, as Switch)."
+    )
+    moe_top_k: int = _f(1, "Experts per token: 1 (Switch) or 2 (GShard).")
+    moe_capacity_factor: float = _f(
+        1.25,
+        "Training capacity per expert: ceil(k * tokens / experts * factor) tokens, the rest "
+        "dropped (passed on by the residual connection).",
+    )
+    moe_eval_capacity_factor: float = _f(2.0, "Capacity factor in evaluation and generation.")
+    moe_min_capacity: int = _f(4, "Capacity never below this many tokens per expert.")
+    moe_drop_tokens: bool = _f(
+        True, "Drop tokens beyond capacity; false: capacity grows to the busiest expert."
+    )
+    moe_random_token_selection: bool = _f(
+        False,
+        "Keep a random subset of an over-full expert's tokens (DeepSpeed's RTS) instead of the "
+        "first ones in order.",
+    )
+    moe_jitter: float = _f(
+        0.0, "Multiplicative router-input jitter epsilon in training (Switch uses 0.01)."
+    )
+    moe_aux_loss_weight: float = _f(0.01, "Weight of the load-balancing loss in the objective.")
+    moe_z_loss_weight: float = _f(0.001, "Weight of the router z-loss (ST-MoE) in the objective.")
+    attention: Literal["full", "sliding_window", "longformer"] = _f(
+        "full",
+        "Attention pattern: 'full' (every allowed key), 'sliding_window' (GPT: each token sees "
+        "the attention_window most recent tokens, itself included), 'longformer' (BERT: keys "
+        "within attention_window - 1 positions on either side, plus global_positions that see "
+        "and are seen by every token). Costs and kernels: docs/models.md.",
+    )
+    attention_window: int = _f(
+        256, "Window of sliding_window / longformer attention, in tokens (see model.attention)."
+    )
+    window_layers: list[int] | None = _f(
+        None,
+        "With sliding_window: the 0-based block indices that use the window (null: all); e.g. "
+        "[0, 2, 4] alternates windowed and full layers.",
+    )
+    global_positions: list[int] = _f(
+        [0], "With longformer: the positions with global attention (BERT's first token: [0])."
     )
 
     @property
@@ -235,6 +321,78 @@ class ModelConfig:
         _need(self.norm_eps > 0, "model.norm_eps", self.norm_eps, "use a positive epsilon")
         _need(self.rope_theta > 0, "model.rope_theta", self.rope_theta, "use a positive base")
         self._validate_heads_and_positions()
+        self._validate_moe()
+        self._validate_attention()
+
+    def _validate_moe(self) -> None:
+        _need(self.moe_experts >= 0, "model.moe_experts", self.moe_experts, "use 0 or >= 2")
+        if self.moe_experts == 0:
+            return
+        _need(
+            self.moe_experts >= 2,
+            "model.moe_experts",
+            self.moe_experts,
+            "a mixture needs at least 2 experts; use 0 for a dense model",
+        )
+        _need(
+            self.family == "gpt",
+            "model.moe_experts",
+            self.moe_experts,
+            f"mixture-of-experts layers are built for family gpt only, not {self.family!r}; "
+            f"set model.moe_experts=0",
+        )
+        _need(
+            1 <= self.moe_every <= self.n_layers,
+            "model.moe_every",
+            self.moe_every,
+            f"use 1..n_layers={self.n_layers} (1: every block is MoE)",
+        )
+        _need(self.moe_top_k in (1, 2), "model.moe_top_k", self.moe_top_k, "use 1 or 2")
+        for name in ("moe_capacity_factor", "moe_eval_capacity_factor"):
+            _need(getattr(self, name) > 0, f"model.{name}", getattr(self, name), "use > 0")
+        _need(
+            self.moe_min_capacity >= 0, "model.moe_min_capacity", self.moe_min_capacity, "use >= 0"
+        )
+        _need(0.0 <= self.moe_jitter < 1.0, "model.moe_jitter", self.moe_jitter, "use [0, 1)")
+        for name in ("moe_aux_loss_weight", "moe_z_loss_weight"):
+            _need(getattr(self, name) >= 0, f"model.{name}", getattr(self, name), "use >= 0")
+
+    def _validate_attention(self) -> None:
+        family = {"sliding_window": "gpt", "longformer": "bert"}.get(self.attention)
+        _need(
+            family is None or self.family == family,
+            "model.attention",
+            self.attention,
+            f"{self.attention} attention is for model.family={family}; use "
+            f"{'sliding_window' if self.family == 'gpt' else 'longformer'} for "
+            f"{self.family}" if self.family != "t5" else "T5 supports only attention: full",
+        )
+        _need(
+            self.attention_window >= 1,
+            "model.attention_window",
+            self.attention_window,
+            "use an integer >= 1 (tokens)",
+        )
+        for i in self.window_layers or []:
+            _need(
+                0 <= i < self.n_layers,
+                "model.window_layers",
+                self.window_layers,
+                f"block indices are 0..{self.n_layers - 1}; null windows every block",
+            )
+        _need(
+            self.window_layers is None or self.attention == "sliding_window",
+            "model.window_layers",
+            self.window_layers,
+            "only applies with model.attention: sliding_window; remove it or set that",
+        )
+        for p in self.global_positions:
+            _need(
+                0 <= p < self.seq_len,
+                "model.global_positions",
+                self.global_positions,
+                f"positions are 0..{self.seq_len - 1} (seq_len={self.seq_len})",
+            )
 
     def _validate_heads_and_positions(self) -> None:
         if self.n_decoder_layers is not None:
@@ -313,20 +471,13 @@ class DataConfig:
             self.shuffle_window,
             "use an integer >= 1 (1 disables shuffling)",
         )
+        from data_pipeline.blend_spec import parse_blend_entry
+
         for i, entry in enumerate(self.blend):
-            parts = entry.split(maxsplit=1)
-            _need(
-                len(parts) == 2,
-                f"data.blend[{i}]",
-                entry,
-                "use 'WEIGHT PATH', e.g. '0.3 data/code'",
-            )
-            _need(
-                _positive_number(parts[0]),
-                f"data.blend[{i}]",
-                entry,
-                "the weight must be a positive number, e.g. '0.3 data/code'",
-            )
+            try:
+                parse_blend_entry(entry)
+            except ValueError as e:
+                raise ConfigError(f"data.blend[{i}]", entry, str(e)) from None
         for name in ("mask_prob", "noise_density"):
             value = getattr(self, name)
             _need(0 < value < 1, f"data.{name}", value, "use a value in (0, 1)")
@@ -335,24 +486,28 @@ class DataConfig:
         _need(self.prefetch >= 1, "data.prefetch", self.prefetch, "use >= 1")
 
 
-def _positive_number(text: str) -> bool:
-    try:
-        value = float(text)
-    except ValueError:
-        return False
-    return math.isfinite(value) and value > 0
-
-
 @dataclass
 class OptimConfig:
     lr: float = _f(3e-4, "Peak learning rate.")
     min_lr: float = _f(3e-5, "Final learning rate of the cosine schedule.")
-    schedule: Literal["cosine", "inverse_sqrt", "constant"] = _f(
+    schedule: Literal["cosine", "inverse_sqrt", "constant", "wsd"] = _f(
         "cosine",
         "After linear warmup: cosine decay to min_lr, the Transformer's inverse "
-        "square root, or constant.",
+        "square root, constant, or warmup-stable-decay ('wsd': the peak until the last "
+        "cooldown_fraction of run.train_steps, then a cooldown to min_lr; Hägele et al. 2024).",
     )
-    warmup_steps: int = _f(100, "Linear warmup steps from 0 to lr.")
+    cooldown_fraction: float = _f(
+        0.2,
+        "schedule=wsd: share of run.train_steps spent in the cooldown (its last steps).",
+    )
+    cooldown_shape: Literal["linear", "1-sqrt"] = _f(
+        "1-sqrt",
+        "schedule=wsd: the cooldown's shape, from the peak to min_lr: linear, or 1-sqrt "
+        "(multiplier 1 - sqrt(progress), which Hägele et al. found better).",
+    )
+    warmup_steps: int = _f(
+        100, "Linear warmup steps: step k of W uses lr * k / W, from lr / W to lr."
+    )
     decay_steps: int | None = _f(None, "Steps of the cosine decay (null: run.train_steps).")
     weight_decay: float = _f(0.1, "AdamW weight decay (not applied to biases, norms, positions).")
     beta1: float = _f(0.9, "AdamW beta1.")
@@ -371,6 +526,12 @@ class OptimConfig:
         _need(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "use >= 0")
         if self.decay_steps is not None:
             _need(self.decay_steps >= 1, "optim.decay_steps", self.decay_steps, "use >= 1 or null")
+        _need(
+            0 < self.cooldown_fraction <= 1,
+            "optim.cooldown_fraction",
+            self.cooldown_fraction,
+            "use a share of the run in (0, 1], e.g. 0.2",
+        )
         _need(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "use >= 0")
         for name in ("beta1", "beta2"):
             v = getattr(self, name)
@@ -390,6 +551,11 @@ class ParallelConfig:
         None,
         "Sequences per optimizer step over all data-parallel ranks "
         "(null: micro_batch_size * dp, no accumulation).",
+    )
+    ep: int = _f(
+        1,
+        "Expert-parallel size (mixture of experts): each MoE layer's experts are sharded over "
+        "groups of ep data-parallel ranks; must divide dp and model.moe_experts.",
     )
     backend: Literal["auto", "gloo", "nccl"] = _f("auto", "'auto': NCCL on CUDA, else gloo.")
     sequence_parallel: bool = _f(
@@ -433,18 +599,30 @@ class ParallelConfig:
                 "use >= 1 or null",
             )
 
-    def layout(self, world_size: int) -> tuple[int, int]:
-        """(dp, gradient accumulation steps) for a world size; ConfigError when it does not fit."""
+    def layout(self, world_size: int, model: ModelConfig | None = None) -> tuple[int, int]:
+        """(dp, gradient accumulation steps) for a world size; ConfigError when it does not fit.
+        With the model, a refused tp comes with the sizes valid for the whole layout."""
         model_parallel = self.tp * self.pp
+        valid = ""
+        if model is not None:
+            tps = _layout_tps(model, world_size, self.pp)
+            valid = f"use parallel.tp in {tps} (they divide the world and the heads), or "
         _need(
             world_size % model_parallel == 0,
             "parallel.tp" if self.pp == 1 else "parallel.tp*parallel.pp",
             model_parallel,
             f"the world size {world_size} must divide by tp*pp={model_parallel} "
-            f"(tp={self.tp}, pp={self.pp}); "
+            f"(tp={self.tp}, pp={self.pp}); {valid}"
             f"launch a multiple of {model_parallel} processes or change the layout",
         )
         dp = world_size // model_parallel
+        _need(
+            dp % self.ep == 0,
+            "parallel.ep",
+            self.ep,
+            f"expert parallelism shards experts inside the data-parallel group; dp={dp} (world "
+            f"size {world_size}) must divide by ep: use ep in {_divisors_near(dp, self.ep)}",
+        )
         if self.dp is not None:
             _need(
                 self.dp == dp,
@@ -505,9 +683,97 @@ class TrackingConfig:
         "<output_dir>/mlflow.db).",
     )
     experiment: str = _f("pretrain", "MLflow experiment name.")
+    parent_run_id: str | None = _f(
+        None,
+        "MLflow run this run is a child of (pretrain-sweep sets it to the sweep's run).",
+    )
+    tags: list[str] = _f(
+        [], "Extra MLflow tags as 'KEY=VALUE' entries (pretrain-sweep: sweep name, point id)."
+    )
+    flush_timeout: float = _f(
+        30.0,
+        "Seconds the end of a run waits for records not yet delivered to the store (an "
+        "unreachable server); what is left then is dropped with a warning.",
+    )
 
     def validate(self) -> None:
         _need(bool(self.experiment), "tracking.experiment", self.experiment, "use a non-empty name")
+        _need(self.flush_timeout >= 0, "tracking.flush_timeout", self.flush_timeout, "use >= 0")
+        for i, tag in enumerate(self.tags):
+            _need(
+                "=" in tag and bool(tag.partition("=")[0].strip()),
+                f"tracking.tags[{i}]",
+                tag,
+                "use 'KEY=VALUE', e.g. 'sweep=ladder'",
+            )
+
+
+@dataclass
+class ReliabilityConfig:
+    nonfinite: Literal["skip", "stop"] = _f(
+        "stop",
+        "A non-finite loss or gradient norm on any rank: 'skip' discards the step's update on "
+        "every rank (weights, optimizer state and schedule stay; the batch is consumed); "
+        "'stop' saves the state from before the step and stops (docs/reliability.md).",
+    )
+    max_consecutive_skips: int = _f(
+        3, "Stop (saving the last good state) after this many skipped steps in a row."
+    )
+    spike_action: Literal["off", "log", "skip", "rollback"] = _f(
+        "log",
+        "A loss or gradient norm above mean + spike_sigma * std of the last spike_window "
+        "steps: only 'log' it, 'skip' the step's update, or 'rollback' to the last checkpoint "
+        "with the data position kept past the offending batches.",
+    )
+    spike_sigma: float = _f(6.0, "Spike threshold in standard deviations above the mean.")
+    spike_window: int = _f(128, "Steps of the spike statistics; detection starts once full.")
+    collective_timeout_s: float = _f(
+        600.0, "Seconds any collective of a training step may wait for the other ranks."
+    )
+    startup_timeout_s: float = _f(
+        1800.0,
+        "Seconds for process-group start-up, the first step, checkpoint saves and loads "
+        "(both the collective timeout and the watchdog's limit then).",
+    )
+    step_timeout_s: float | None = _f(
+        1800.0,
+        "Watchdog: end the job, naming the rank and step, when no step completes in this many "
+        "seconds (null: no watchdog).",
+    )
+    inject: list[str] = _f(
+        [],
+        "TEST ONLY: faults to inject, 'KIND@STEP' or 'KIND@STEP:RANK' (rank 0 if omitted), "
+        "KIND one of nan, spike, sigterm, sigusr1, sigint, sigstop, sigkill, hang.",
+    )
+
+    INJECTABLE = ("nan", "spike", "sigterm", "sigusr1", "sigint", "sigstop", "sigkill", "hang")
+
+    def validate(self) -> None:
+        _need(
+            self.max_consecutive_skips >= 1,
+            "reliability.max_consecutive_skips",
+            self.max_consecutive_skips,
+            "use an integer >= 1",
+        )
+        _need(self.spike_sigma > 0, "reliability.spike_sigma", self.spike_sigma, "use > 0")
+        _need(self.spike_window >= 2, "reliability.spike_window", self.spike_window, "use >= 2")
+        for name in ("collective_timeout_s", "startup_timeout_s", "step_timeout_s"):
+            value = getattr(self, name)
+            _need(
+                value is None or value > 0,
+                f"reliability.{name}",
+                value,
+                "use a positive number of seconds, or null where allowed (step_timeout_s)",
+            )
+        for i, entry in enumerate(self.inject):
+            kind, _, where = entry.partition("@")
+            step, _, rank = where.partition(":")
+            _need(
+                kind in self.INJECTABLE and step.isdigit() and (rank == "" or rank.isdigit()),
+                f"reliability.inject[{i}]",
+                entry,
+                f"use 'KIND@STEP' or 'KIND@STEP:RANK' with KIND in {list(self.INJECTABLE)}",
+            )
 
 
 @dataclass
@@ -519,10 +785,16 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)
 
-    def validate(self) -> Config:
+    def validate(self, world_size: int | None = None) -> Config:
+        """With the world size (the entry point knows it), the layout is checked before the
+        model's divisibility by tp, and suggested tp sizes fit the world as well."""
         for section in dataclasses.fields(self):
             getattr(self, section.name).validate()
+        self._world_size = world_size
+        if world_size is not None:
+            self.parallel.layout(world_size, self.model)
         decay = self.optim.decay_steps or self.run.train_steps
         _need(
             self.optim.warmup_steps <= decay,
@@ -530,6 +802,16 @@ class Config:
             self.optim.warmup_steps,
             f"must not exceed the decay length {decay} (optim.decay_steps or run.train_steps)",
         )
+        if self.optim.schedule == "wsd":
+            cooldown = max(1, round(self.optim.cooldown_fraction * self.run.train_steps))
+            _need(
+                self.optim.warmup_steps <= self.run.train_steps - cooldown,
+                "optim.warmup_steps",
+                self.optim.warmup_steps,
+                f"schedule=wsd cools down over the last {cooldown} of run.train_steps="
+                f"{self.run.train_steps}; warm up in at most {self.run.train_steps - cooldown} "
+                f"steps, or lower optim.cooldown_fraction",
+            )
         if self.model.vocab_size is not None:
             multiple = self.model.vocab_multiple * self.parallel.tp
             _need(
@@ -553,7 +835,43 @@ class Config:
         )
         self._validate_tensor_parallel()
         self._validate_pipeline()
+        self._validate_experts()
         return self
+
+    def _validate_experts(self) -> None:
+        """What mixture-of-experts layers compose with (docs/moe.md): data and expert
+        parallelism, ZeRO 0-2; not (yet) pipeline, tensor or sequence parallelism, ZeRO-3."""
+        m, p = self.model, self.parallel
+        _need(p.ep >= 1, "parallel.ep", p.ep, "use an integer >= 1")
+        if m.moe_experts == 0:
+            _need(p.ep == 1, "parallel.ep", p.ep, "expert parallelism needs model.moe_experts > 0")
+            return
+        _need(
+            m.moe_experts % p.ep == 0,
+            "parallel.ep",
+            p.ep,
+            f"model.moe_experts={m.moe_experts} must divide by ep; use ep in "
+            f"{_divisors_near(m.moe_experts, p.ep)}",
+        )
+        for name, value, ok, why in (
+            ("pp", p.pp, p.pp == 1, "MoE layers are not built into pipeline stages"),
+            ("tp", p.tp, p.tp == 1, "DeepSpeed's expert groups ignore megatron's TP layout"),
+            ("zero_stage", p.zero_stage, p.zero_stage <= 2, "DeepSpeed's MoE refuses ZeRO-3"),
+        ):
+            _need(
+                ok,
+                f"parallel.{name}",
+                value,
+                f"not supported with mixture of experts (model.moe_experts={m.moe_experts}): "
+                f"{why}; use data and expert parallelism (parallel.ep) with ZeRO 0-2",
+            )
+        tokens = p.micro_batch_size * m.seq_len
+        _need(
+            m.moe_min_capacity <= tokens,
+            "model.moe_min_capacity",
+            m.moe_min_capacity,
+            f"exceeds the {tokens} tokens of a micro-batch (micro_batch_size * seq_len)",
+        )
 
     def _validate_pipeline(self) -> None:
         """Every pipeline stage needs at least one transformer block; 'uniform' partitioning
@@ -586,6 +904,9 @@ class Config:
         m, tp = self.model, self.parallel.tp
         # TP sizes that split heads, KV groups and MLP columns alike.
         tps = _divisors_near(math.gcd(m.n_heads, m.kv_heads, m.ffn_size), tp)
+        world = getattr(self, "_world_size", None)
+        if world is not None:
+            tps = _layout_tps(m, world, self.parallel.pp)
         # (name, value, what else a replacement value must satisfy)
         for name, value, fits in (
             ("n_heads", m.n_heads, lambda h: m.d_model % h == 0),
@@ -703,7 +1024,7 @@ def _decode(cls: type, data: Any, prefix: str) -> Any:
             f"unknown key; valid keys: {', '.join(names)}{_suggest(str(key), names)}",
         )
         hint = hints[key]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             kwargs[key] = _decode(hint, value if value is not None else {}, full)
         else:
             kwargs[key] = _coerce(full, value, hint)
@@ -745,12 +1066,20 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> di
     return data
 
 
-def from_dict(data: dict[str, Any]) -> Config:
+def _layout_tps(m: ModelConfig, world_size: int, pp: int) -> list[int]:
+    """TP sizes that split heads, KV groups and MLP columns alike and fit world_size with pp."""
+    g = math.gcd(m.n_heads, m.kv_heads, m.ffn_size)
+    return [t for t in range(1, g + 1) if g % t == 0 and world_size % (t * pp) == 0]
+
+
+def from_dict(data: dict[str, Any], world_size: int | None = None) -> Config:
     """Decode and validate a raw mapping."""
-    return _decode(Config, data, "").validate()
+    return _decode(Config, data, "").validate(world_size)
 
 
-def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+def load_config(
+    path: str | Path | None, overrides: typing.Sequence[str] = (), world_size: int | None = None
+) -> Config:
     """Read a YAML file (or none: all defaults), apply dotted overrides, decode and validate."""
     data: dict[str, Any] = {}
     if path is not None:
@@ -761,7 +1090,7 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         except yaml.YAMLError as e:
             raise ConfigError("config file", str(p), f"fix the YAML syntax: {e}") from None
 
-    return from_dict(apply_overrides(data, overrides))
+    return from_dict(apply_overrides(data, overrides), world_size)
 
 
 def describe() -> str:
@@ -783,7 +1112,7 @@ def describe() -> str:
         ]
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
             hint = hints[f.name]
             type_name = hint.__name__ if isinstance(hint, type) else str(hint)
             # Escape '|' (as in `int | None`): it would split a Markdown table cell.
@@ -797,6 +1126,12 @@ def resolve_vocab(cfg: Config, tokenizer_vocab: int) -> Config:
     """Fill in model.vocab_size from the dataset's tokenizer, padded to a multiple of
     vocab_multiple * tp (so every TP rank holds an equal, aligned slice)."""
     m = cfg.model
+    _need(
+        m.tokenizer_vocab in (None, tokenizer_vocab),
+        "model.tokenizer_vocab",
+        m.tokenizer_vocab,
+        f"the dataset's tokenizer has {tokenizer_vocab} tokens; leave it null to derive it",
+    )
     multiple = m.vocab_multiple * cfg.parallel.tp
     if m.vocab_size is None:
         size = math.ceil(tokenizer_vocab / multiple) * multiple
@@ -809,7 +1144,8 @@ def resolve_vocab(cfg: Config, tokenizer_vocab: int) -> Config:
             f"to derive it",
         )
         size = m.vocab_size
-    return dataclasses.replace(cfg, model=dataclasses.replace(m, vocab_size=size))
+    model = dataclasses.replace(m, vocab_size=size, tokenizer_vocab=tokenizer_vocab)
+    return dataclasses.replace(cfg, model=model)
 
 
 if __name__ == "__main__":

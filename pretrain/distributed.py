@@ -11,10 +11,12 @@ stages outermost.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -117,10 +119,16 @@ def setup(cfg: Config) -> Layout:
     import deepspeed
     from megatron.core import parallel_state as ps
 
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    # Start-up's limit (reliability.startup_timeout_s) for every group; the trainer switches
+    # to reliability.collective_timeout_s after the first step (pretrain.reliability).
+    startup = cfg.reliability.startup_timeout_s
+    deepspeed.init_distributed(
+        dist_backend=backend, verbose=False, timeout=timedelta(seconds=startup)
+    )
     ps.initialize_model_parallel(
         tensor_model_parallel_size=cfg.parallel.tp,
         pipeline_model_parallel_size=cfg.parallel.pp,
+        distributed_timeout_minutes=max(1, math.ceil(startup / 60)),
     )
     return Layout(
         rank=rank,

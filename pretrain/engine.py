@@ -77,8 +77,15 @@ def build_model_for(cfg: Config, layout: Layout) -> nn.Module:
     from pretrain.models import build_model
 
     def build() -> nn.Module:
+        # DeepSpeed's expert-parallel groups are runs of ep consecutive data-parallel ranks.
+        ep = cfg.parallel.ep
         return build_model(
-            cfg.model, layout.tp_group, layout.tp_size, cfg.parallel.sequence_parallel
+            cfg.model,
+            layout.tp_group,
+            layout.tp_size,
+            cfg.parallel.sequence_parallel,
+            ep_size=ep,
+            ep_rank=layout.dp_rank % ep,
         )
 
     if layout.pp_size > 1:  # this rank's pipeline stage only (ZeRO-3 is refused with PP)
@@ -185,6 +192,11 @@ def build_engine(cfg: Config, layout: Layout, model: nn.Module):
     if isinstance(model, PipelineModule):
         return pipeline_engine(layout, **kwargs)
     engine, _, _, scheduler = deepspeed.initialize(mpu=DeepSpeedMPU(layout), **kwargs)
+    if layout.dp_size == 1 and cfg.parallel.zero_stage == 0:
+        # An all-reduce over one rank, and a division by 1, of every gradient each step: the
+        # identity, at the cost of a copy of all gradients into and out of a flat buffer.
+        engine.enable_backward_allreduce = False
+    clip_once(engine)
     return engine, scheduler
 
 
@@ -211,6 +223,7 @@ def pipeline_engine(layout: Layout, **kwargs: Any):
         def _exec_optimizer_step(self, lr_kwargs=None):
             for hook in self.before_optimizer_step:
                 hook(self)
+            norm = None
             if self._own_norm():
                 norm = pipeline_grad_norm(self.module, layout, self.grid)
                 self._global_grad_norm = norm
@@ -220,7 +233,20 @@ def pipeline_engine(layout: Layout, **kwargs: Any):
                     for p in self.module.parameters():
                         if p.grad is not None:
                             p.grad.mul_(coef)
-            super()._exec_optimizer_step(lr_kwargs)
+            # The trainer's verdict before the update (pretrain.reliability.StepGuard); the
+            # loss is known on the last stage only, the other stages pass 0.
+            import torch
+
+            decide = getattr(self, "decide_update", None)
+            loss = self.total_loss if self.is_last_stage() else None
+            loss = loss.detach().float() if loss is not None else torch.zeros(())
+            if decide is not None and decide(loss, self.micro_batches, norm):
+                from pretrain.reliability import discarded_update
+
+                with discarded_update(self):
+                    super()._exec_optimizer_step(lr_kwargs)
+            else:
+                super()._exec_optimizer_step(lr_kwargs)
 
         def clip_fp32_gradients(self):
             if not self._own_norm():  # never reached: DeepSpeed calls it only without ZeRO
@@ -261,7 +287,7 @@ def pipeline_grad_norm(module: Any, layout: Layout, grid: Any) -> float:
     import torch
     import torch.distributed as dist
 
-    tied_elsewhere = set()
+    tied_elsewhere: set[int] = set()
     for comm in module.tied_comms.values():
         if dist.get_rank() != min(comm["ranks"]):
             tied_elsewhere.update(id(p) for p in comm["module"].parameters())
@@ -283,8 +309,30 @@ def records_grad_norm(engine: Any) -> bool:
 
 def grad_norm_now(engine: Any) -> float:
     """The global gradient norm of the gradients as they are (call after the boundary's
-    backward, before step), computed by DeepSpeed's own clipping routine with an infinite limit
-    so nothing is clipped twice: model-parallel aware, over the data-parallel-reduced grads."""
+    backward, before step), computed by DeepSpeed's own clipping routine: model-parallel aware,
+    over the data-parallel-reduced grads. With clipping on, the gradients are clipped here with
+    the configured limit, and the step's own clipping (clip_once) is skipped: one norm pass and
+    its two all-reduces per step instead of two, and the same numbers, since it is the same
+    routine on the same gradients that DeepSpeed's step would run."""
     from deepspeed.runtime.utils import clip_grad_norm_
 
-    return float(clip_grad_norm_(engine.module.parameters(), float("inf"), mpu=engine.mpu))
+    limit = engine.gradient_clipping()
+    norm = clip_grad_norm_(engine.module.parameters(), limit or float("inf"), mpu=engine.mpu)
+    if limit > 0:
+        engine.clipped_at_micro_step = engine.micro_steps
+    return float(norm)
+
+
+def clip_once(engine: Any) -> None:
+    """Make the engine's fp32 clipping (plain fp32 at ZeRO-0: the only case DeepSpeed clips in
+    `clip_fp32_gradients`) skip a step whose gradients grad_norm_now clipped already. The mark
+    is the engine's micro-step counter, so a step taken without grad_norm_now clips as usual."""
+    deepspeed_clip = engine.clip_fp32_gradients
+    engine.clipped_at_micro_step = None
+
+    def clip_fp32_gradients() -> None:
+        if engine.clipped_at_micro_step != engine.micro_steps:
+            deepspeed_clip()
+        engine.clipped_at_micro_step = None
+
+    engine.clip_fp32_gradients = clip_fp32_gradients

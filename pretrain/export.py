@@ -13,10 +13,10 @@ yields the TP=1 one-process model. The exporters map that model's state dict ont
 | BERT | BertForMaskedLM | learned positions, LayerNorm with bias, GELU, post-LN, tied |
 | T5 | T5ForConditionalGeneration | RMSNorm, no bias, pre-LN, n_kv_heads = n_heads |
 
-The vocabulary keeps its padded size (model.vocab_size, a multiple of vocab_multiple * tp):
-trimming it to the tokenizer's would change the embedding shapes but not one logit the tokenizer
-can produce; keeping it makes the exported logits equal ours over every row, and ids past the
-tokenizer are never produced by it.
+The vocabulary is cut to the tokenizer's size (model.tokenizer_vocab) where the checkpoint
+records it: our model masks the padding rows' logits (layers.mask_padding), a transformers model
+would not, and could then sample ids the tokenizer cannot decode. The exported logits equal ours
+over every real row. Checkpoints of older versions (no tokenizer_vocab) keep the padded size.
 """
 
 from __future__ import annotations
@@ -287,7 +287,8 @@ def hf_config(cfg: Config, specials: Any | None = None):
         ids = {"eos_token_id": specials.eos_id, "pad_token_id": specials.pad_id}
     else:  # not GPT-2's defaults (50256), which lie outside a small vocabulary
         ids = {"eos_token_id": None, "pad_token_id": None}
-    common = dict(vocab_size=m.vocab_size, tie_word_embeddings=m.tie_embeddings, **ids)
+    vocab = m.tokenizer_vocab or m.vocab_size
+    common = dict(vocab_size=vocab, tie_word_embeddings=m.tie_embeddings, **ids)
     if target == "GPT2LMHeadModel":
         return transformers.GPT2Config(
             n_embd=m.d_model,
@@ -551,7 +552,13 @@ MAPPERS = {
 
 def hf_state_dict(model, cfg: Config) -> Tensors:
     """Our TP=1 model's weights under the target class's names, mapped exactly."""
-    return MAPPERS[hf_target(cfg)](tensors_of(model), cfg)
+    from pretrain.reshard import VOCAB_PARAM
+
+    sd = tensors_of(model)
+    rows = cfg.model.tokenizer_vocab
+    if rows is not None:  # the padding rows: masked in our model, absent from the export
+        sd = {k: v[:rows] if VOCAB_PARAM.search(k) else v for k, v in sd.items()}
+    return MAPPERS[hf_target(cfg)](sd, cfg)
 
 
 def hf_model(cfg: Config, state: Tensors, specials: Any | None = None):

@@ -1,6 +1,11 @@
 """Sampling from the models: GPT continues a prompt (greedy, temperature, top-k); T5 decodes
-greedily from an encoder input. Both recompute the full forward pass per new token (no KV
-cache): simple and exact, fast enough for samples and tests."""
+greedily from an encoder input.
+
+With a KV cache (the default where the model allows it: GPT and T5 without sequence
+parallelism) the prompt runs once and each new token runs alone against the cached keys and
+values of the earlier ones (pretrain.models.attention.KVCache; a windowed layer keeps only its
+window). The same tokens as recomputing the whole context per token, which the uncached path
+does (and every path does once a GPT context outgrows seq_len: the positions then shift)."""
 
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ def generate(
     top_k: int = 0,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    kv_cache: bool = True,
 ) -> list[int]:
     """Continue `prompt` by `max_new_tokens` tokens.
 
@@ -31,9 +37,18 @@ def generate(
     model.eval()
     gen = torch.Generator(device="cpu").manual_seed(seed)
     ids = list(prompt)
+    cached = kv_cache and caches_kv(model)
+    caches = None
     for _ in range(max_new_tokens):
         context = torch.tensor([ids[-seq_len:]], dtype=torch.long, device=device)
-        logits = model(context)[0, -1, :vocab_limit].float().cpu()
+        if not cached:
+            logits_BSV = model(context)
+        elif caches is None or len(ids) > seq_len:  # (re)fill from the whole context
+            caches = new_caches(model.blocks)
+            logits_BSV = gpt_step(model, context, caches)
+        else:
+            logits_BSV = gpt_step(model, context[:, -1:], caches)
+        logits = logits_BSV[0, -1, :vocab_limit].float().cpu()
         if temperature <= 0:
             next_id = int(logits.argmax())
         else:
@@ -57,6 +72,7 @@ def generate_seq2seq(
     vocab_limit: int,
     eos_id: int | None = None,
     device: torch.device | str = "cpu",
+    kv_cache: bool = True,
 ) -> list[int]:
     """Greedy decoding for an encoder-decoder model (T5): encode once, then extend the decoder
     input (which starts with `start_id`, T5's pad id) by its most likely next token until
@@ -65,12 +81,82 @@ def generate_seq2seq(
     model.eval()
     enc = torch.tensor([encoder_input], dtype=torch.long, device=device)
     memory = model.encode(enc)
+    caches = new_caches(model.decoder) if kv_cache and caches_kv(model) else None
     out: list[int] = []
     for _ in range(max_new_tokens):
         dec = torch.tensor([[start_id, *out]], dtype=torch.long, device=device)
-        next_id = int(model.decode(dec, memory)[0, -1, :vocab_limit].argmax())
+        if caches is None:
+            logits_BSV = model.decode(dec, memory)
+        else:
+            logits_BSV = t5_step(model, dec[:, -1:], memory, caches)
+        next_id = int(logits_BSV[0, -1, :vocab_limit].argmax())
         out.append(next_id)
         if next_id == eos_id:
             break
     model.train(was_training)
     return out
+
+
+# --- cached steps --------------------------------------------------------------------------------
+
+
+def caches_kv(model: nn.Module) -> bool:
+    """Whether the cached steps below can run `model`: a whole GPT or T5 on this rank's
+    tensor-parallel shard, without sequence parallelism (whose shards of one token do not
+    exist); pipeline stages and other wrappers recompute instead."""
+    from pretrain.models.gpt import GPT
+    from pretrain.models.t5 import T5
+
+    return isinstance(model, GPT | T5) and not model.tpc.sequence_parallel
+
+
+def new_caches(blocks: nn.ModuleList) -> list:
+    from pretrain.models.attention import BlockCache
+
+    return [BlockCache() for _ in blocks]
+
+
+def gpt_step(model: nn.Module, tokens_BS: torch.Tensor, caches: list) -> torch.Tensor:
+    """Logits [b, s, v] of the new tokens, which follow the cached ones: the first call takes
+    the context, the later ones one token each."""
+    from pretrain.models.attention import AttentionMask, attention_mask
+    from pretrain.models.collectives import gather_last_dim
+    from pretrain.models.layers import absolute_positions, embed_tokens
+
+    offset, s = caches[0].self_attn.offset, tokens_BS.shape[1]
+    x_SBD = embed_tokens(model.embed, tokens_BS, model.tpc)
+    x_SBD = model.drop(absolute_positions(model, x_SBD, offset))
+    # One new token sees every cached key (a windowed layer's cache holds only its window).
+    mask = AttentionMask()
+    if offset == 0:
+        mask = attention_mask(s, s, causal=True, dtype=x_SBD.dtype, device=x_SBD.device)
+    for block, cache in zip(model.blocks, caches, strict=True):
+        x_SBD = block(x_SBD, mask, cache=cache)
+    if model.ln_f is not None:
+        x_SBD = model.ln_f(x_SBD)
+    return gather_last_dim(model.logits_parallel(x_SBD), model.tpc.group).transpose(0, 1)
+
+
+def t5_step(model: nn.Module, dec_BS: torch.Tensor, memory, caches: list) -> torch.Tensor:
+    """T5 decoder logits [b, s, v] of the new decoder tokens after the cached ones; the
+    cross-attention projects the encoder output once, on the first call."""
+    from pretrain.models.attention import attention_mask
+    from pretrain.models.collectives import gather_last_dim
+    from pretrain.models.layers import embed_tokens
+
+    offset, s = caches[0].self_attn.offset, dec_BS.shape[1]
+    x_SBD = model.drop(embed_tokens(model.embed, dec_BS, model.tpc))
+    kw = dict(dtype=x_SBD.dtype, device=x_SBD.device)
+    bias = model.dec_bias(s, offset + s, q_offset=offset)
+    # The first call is causal over its tokens; a later single token sees all cached keys.
+    self_mask = attention_mask(s, offset + s, causal=offset == 0, position_bias_1HQK=bias, **kw)
+    enc = memory.hidden_SBD
+    cross_mask = attention_mask(
+        s, enc.shape[0], causal=False, key_padding_BK=memory.padding_mask_BS, **kw
+    )
+    for block, cache in zip(model.decoder, caches, strict=True):
+        x_SBD = block(x_SBD, self_mask, enc, cross_mask, cache=cache)
+    if model.dec_norm is not None:
+        x_SBD = model.dec_norm(x_SBD)
+    logits_SBV = model._logits_parallel(model.drop(x_SBD))
+    return gather_last_dim(logits_SBV, model.tpc.group).transpose(0, 1)

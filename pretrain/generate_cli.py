@@ -26,15 +26,30 @@ MODEL_STATES = "mp_rank_{:02d}_model_states.pt"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="pretrain-generate", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="pretrain-generate",
+        description=__doc__,
+        epilog="examples:\n"
+        "  pretrain-generate runs/tiny --prompt 'def main(' --max-new-tokens 40\n"
+        "  pretrain-generate runs/tiny/checkpoints/step_00000020 --prompt 'import' "
+        "--temperature 0.8 --top-k 40 --seed 1",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("path", help="run directory, its checkpoints/ directory, or one step_* dir")
     p.add_argument("--prompt", default="", help="text to continue (T5: the encoder input)")
-    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument(
+        "--max-new-tokens", type=int, default=50, help="tokens to generate, e.g. 100 (default 50)"
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0: all)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the run's dataset tokenizer)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument(
+        "--no-kv-cache",
+        action="store_true",
+        help="recompute the whole context per token instead of caching keys and values",
+    )
     return p.parse_args(argv)
 
 
@@ -161,7 +176,12 @@ def model_shard(step_dir: Path, tp_rank: int, tp: int) -> dict[str, Any]:
     f = step_dir / MODEL_STATES.format(tp_rank)
     if not f.is_file():
         raise CheckpointError(f"{step_dir} misses {f.name} (saved with tp={tp})")
-    return torch.load(f, map_location="cpu", weights_only=False)["module"]
+    module = torch.load(f, map_location="cpu", weights_only=False)["module"]
+    if any(step_dir.glob("layer_*_expert_*_model_states.pt")):  # a mixture of experts
+        from pretrain.models.moe import expert_weights
+
+        module.update(expert_weights(step_dir, tp_rank))
+    return module
 
 
 def pipeline_shard(step_dir: Path, cfg: Config, tp_rank: int) -> dict[str, Any]:
@@ -248,6 +268,7 @@ def run(args: argparse.Namespace) -> str:
             eos_id=tok.eos_id,
             vocab_limit=tok.vocab_size,
             device=args.device,
+            kv_cache=not args.no_kv_cache,
         )
         return tok.decode([t for t in out if t != tok.eos_id])
     out = generate(
@@ -260,6 +281,7 @@ def run(args: argparse.Namespace) -> str:
         top_k=args.top_k,
         seed=args.seed,
         device=args.device,
+        kv_cache=not args.no_kv_cache,
     )
     return args.prompt + tok.decode(out)
 

@@ -53,21 +53,31 @@ class DataParallelSteps:
         self.engine, self.layout = engine, layout
 
     def _mean_over_ranks(self, loss_sum: torch.Tensor, n_micro: int) -> float:
-        dist.all_reduce(loss_sum, group=self.layout.dp_group)
+        if self.layout.dp_size > 1:  # over one rank the all-reduce is the identity
+            dist.all_reduce(loss_sum, group=self.layout.dp_group)
         return loss_sum.item() / (n_micro * self.layout.dp_size)
 
-    def train(self, micro: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+    def train(self, micro: list[dict[str, torch.Tensor]], decide=None) -> tuple[float, float]:
+        """`decide(local_loss_sum, n_micro, norm_or_None) -> bool` runs after the last backward
+        and before the optimizer update (pretrain.reliability.StepGuard): True discards the
+        update. The norm is None where DeepSpeed only computes it inside the update."""
         from pretrain.engine import grad_norm_now, records_grad_norm
+        from pretrain.reliability import discarded_update
 
         device, engine = self.layout.device, self.engine
         loss_sum, norm = torch.zeros((), device=device), None
         for i, batch in enumerate(micro):
             loss = engine(**to_device(batch, device))
             engine.backward(loss)
-            if i == len(micro) - 1 and not records_grad_norm(engine):
-                norm = grad_norm_now(engine)
-            engine.step()
             loss_sum += loss.detach().float()
+            last = i == len(micro) - 1
+            if last and not records_grad_norm(engine):
+                norm = grad_norm_now(engine)
+            if last and decide is not None and decide(loss_sum, len(micro), norm):
+                with discarded_update(engine):
+                    engine.step()
+            else:
+                engine.step()
         if norm is None:
             norm = float(engine.get_global_grad_norm())
         return self._mean_over_ranks(loss_sum, len(micro)), norm
@@ -92,8 +102,13 @@ class PipelineSteps:
     def _pairs(self, micro: list[dict[str, torch.Tensor]]):
         return iter([self.family.split(b) for b in micro])
 
-    def train(self, micro: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
-        loss = self.engine.train_batch(self._pairs(micro))
+    def train(self, micro: list[dict[str, torch.Tensor]], decide=None) -> tuple[float, float]:
+        """`decide`: as DataParallelSteps.train's, called at the schedule's optimizer step."""
+        self.engine.decide_update = decide
+        try:
+            loss = self.engine.train_batch(self._pairs(micro))
+        finally:
+            self.engine.decide_update = None
         return float(loss.item()), float(self.engine.get_global_grad_norm())
 
     def eval(self, micro: list[dict[str, torch.Tensor]]) -> float:

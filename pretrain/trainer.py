@@ -8,22 +8,32 @@ happens, since a rank that leaves alone would hang the others in the next collec
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 
 from pretrain import checkpoint
 from pretrain.config import Config
-from pretrain.distributed import Layout, rng_state, set_rng_state
-from pretrain.models.rng import model_rng
+from pretrain.distributed import Layout, rng_state, seed_all, set_rng_state
+from pretrain.models.rng import model_rng, seed_model_rng
+from pretrain.reliability import (
+    Faults,
+    PeerFailure,
+    StepGuard,
+    Watchdog,
+    is_peer_failure,
+    kill_stopped,
+    set_collective_timeout,
+)
 from pretrain.steps import add_loss_tokens, runner_for
-from pretrain.tracking import Tracker
+from pretrain.tracking import Tracker, step_metrics
 
 
 @dataclass
@@ -68,6 +78,9 @@ class Hook(Protocol):
     def at_end(self, trainer: Trainer) -> None: ...
 
 
+HISTORY_STEPS = 1000
+
+
 @dataclass
 class Trainer:
     cfg: Config
@@ -80,11 +93,18 @@ class Trainer:
     state: TrainState = field(default_factory=TrainState)
     hooks: list[Any] = field(default_factory=list)
     stop_reason: str | None = None
-    history: list[dict[str, float]] = field(default_factory=list)  # metrics of each step
+    resharded: list[str] = field(default_factory=list)  # what load() bridged ('tp 2 -> 1')
+    fault: str | None = None  # why a fault stopped the run (then the exit status is not 0)
+    peers: dict[int, int] = field(default_factory=dict)  # this host's other ranks: {rank: pid}
+    # The metrics of the latest HISTORY_STEPS steps (tests and benchmarks read them): bounded,
+    # so a long run does not grow it on every rank forever; no hook needs more than the last.
+    history: deque[dict[str, float]] = field(default_factory=lambda: deque(maxlen=HISTORY_STEPS))
 
     def __post_init__(self) -> None:
         # How a step and an evaluation run is the engine kind's business (pretrain.steps).
         self.runner = runner_for(self.engine, self.layout, self.cfg.model.family)
+        self.guard = StepGuard(self.cfg.reliability, self.layout)
+        self.faults = Faults(self.cfg.reliability.inject, self.layout.rank)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -102,12 +122,67 @@ class Trainer:
         loss is token-weighted over the whole step (pretrain.steps)."""
         self.engine.train()
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
+        step = self.state.step + 1
+        self.faults.before_step(step)
+        for hook in self.hooks:  # stop requests that must be agreed in this step's collective
+            getattr(hook, "before_update", lambda trainer: None)(self)
+        before = {"data": self.train_data.state_dict(), "rng": self._rng_state()}
+        guard = self.guard
+        guard.reset()
+
+        def decide(loss_sum: torch.Tensor, n_micro: int, norm: float | None) -> bool:
+            return guard.agree(step, self.stop_reason is not None, loss_sum, n_micro, norm)
+
         micro = self.train_data.next_step()
         add_loss_tokens(micro, self.layout)
-        loss, norm = self.runner.train(micro)
-        self.state.step += 1
+        with self.faults.in_forward(self.engine.module, step):
+            loss, norm = self.runner.train(micro, decide)
+        if not guard.decided:  # a runner without the hook: agree after the update
+            decide(torch.tensor(loss * len(micro)), len(micro), norm)
+        guard.after_update(step, self.engine.was_step_applied(), norm)
+        if guard.stop and self.stop_reason is None:
+            self.stop_reason = "another rank asked to stop"
+        metrics = {"loss": loss, "lr": lr, "grad_norm": norm, "skipped": float(guard.skip)}
+        if guard.reason and self.layout.is_main:
+            print(f"step {step}: {guard.reason}", flush=True)
+        if guard.halt and guard.nonfinite and self.cfg.reliability.nonfinite == "stop":
+            # The state of the step before: the update was discarded; rewind data and RNG.
+            self.train_data.load_state_dict(before["data"])
+            self._set_rng_state(before["rng"])
+            self.fault = guard.reason
+            self.stop_reason = guard.reason
+            return metrics
+        self.state.step = step
         self.state.consumed_tokens += self.tokens_per_step
-        return {"loss": loss, "lr": lr, "grad_norm": norm}
+        if guard.halt:
+            self.fault = self.stop_reason = guard.reason
+        elif guard.rollback:
+            self._roll_back(step)
+        return metrics
+
+    def _rng_state(self) -> dict[str, Any]:
+        return {"rng": rng_state(), "model_rng": model_rng(self.engine.module).state_dict()}
+
+    def _set_rng_state(self, state: dict[str, Any]) -> None:
+        set_rng_state(state["rng"])
+        model_rng(self.engine.module).load_state_dict(state["model_rng"])
+
+    def _roll_back(self, step: int) -> None:
+        """Back to the newest checkpoint of this run, with the data position kept where it is
+        now: past the batches that led to the spike. No checkpoint yet: the step stays
+        skipped."""
+        path = checkpoint.head(self.ckpt_dir)
+        if path is None:
+            return
+        consumed = self.train_data.state_dict()
+        self.load(path)
+        self.train_data.load_state_dict(consumed)
+        if self.layout.is_main:
+            print(
+                f"step {step}: rolled back to {path} (step {self.state.step}); the data "
+                f"continues at sequence {consumed['consumed']}",
+                flush=True,
+            )
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -131,6 +206,21 @@ class Trainer:
     # --- checkpoints ----------------------------------------------------------------------
 
     def save(self) -> Path:
+        """Save under the start-up limits (collective timeout and watchdog): a checkpoint of a
+        large model takes longer than a step."""
+        rel, watchdog = self.cfg.reliability, getattr(self, "watchdog", None)
+        set_collective_timeout(rel.startup_timeout_s)
+        if watchdog is not None:
+            limit, phase = watchdog.limit, watchdog.phase
+            watchdog.arm(rel.startup_timeout_s, self.state.step, "a checkpoint save")
+        try:
+            return self._save()
+        finally:
+            set_collective_timeout(rel.collective_timeout_s)
+            if watchdog is not None:
+                watchdog.arm(limit, self.state.step, phase)
+
+    def _save(self) -> Path:
         client = {
             "trainer": self.state.state_dict(),
             "data": self.train_data.state_dict(),
@@ -153,7 +243,9 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         exclude = self.cfg.checkpoint.exclude_from_loading
-        client, rank_state = checkpoint.load(self.engine, self.layout, path, exclude)
+        meta = json.loads((path / checkpoint.COMPLETE).read_text())
+        self.resharded = checkpoint.layout_change(meta, self.cfg, self.layout.dp_size)
+        client, rank_state = checkpoint.load(self.engine, self.layout, path, exclude, self.cfg)
         self.state.load_state_dict(client["trainer"])
         self._apply_optim_config()
         if "data" not in exclude:
@@ -162,6 +254,13 @@ class Trainer:
             set_rng_state(rank_state["rng"])
             if "model_rng" in rank_state:  # absent from checkpoints of older versions
                 model_rng(self.engine.module).load_state_dict(rank_state["model_rng"])
+        elif self.resharded:
+            # The saved per-rank streams belong to the old layout's ranks; fresh streams that
+            # differ per rank and from step 0's (whose masks they would otherwise replay).
+            seed = self.cfg.run.seed + 7919 * (self.state.step + 1)
+            L = self.layout
+            seed_all(seed + 1000 * L.dp_rank + 100 * L.pp_rank + 1)
+            seed_model_rng(self.engine.module, seed, L.dp_rank, L.pp_rank, L.tp_rank)
 
     def _apply_optim_config(self) -> None:
         """The config wins over the checkpoint for optimizer settings (Megatron's
@@ -175,8 +274,10 @@ class Trainer:
         groups = opt.param_groups if hasattr(opt, "param_groups") else opt.optimizer.param_groups
         for i, group in enumerate(groups):
             group["betas"], group["eps"] = (o.beta1, o.beta2), o.eps
-            # Groups come from pretrain.optim.param_groups: [decayed, not decayed].
-            group["weight_decay"] = o.weight_decay if i == 0 else 0.0
+            # Groups come from pretrain.optim.param_groups, each marked 'decay' (a mixture of
+            # experts adds expert groups after the first two); checkpoints from before the mark
+            # hold [decayed, not decayed].
+            group["weight_decay"] = o.weight_decay if group.get("decay", i == 0) else 0.0
             group["initial_lr"] = o.lr
         for group, base, fn in zip(groups, sched.base_lrs, sched.lr_lambdas, strict=True):
             group["lr"] = base * fn(sched.last_epoch)
@@ -187,41 +288,52 @@ class Trainer:
     def request_stop(self, reason: str) -> None:
         self.stop_reason = self.stop_reason or reason
 
-    def _all_agree_to_stop(self) -> bool:
-        flag = torch.tensor(1.0 if self.stop_reason else 0.0, device=self.layout.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() > 0 and self.stop_reason is None:
-            self.stop_reason = "another rank asked to stop"
-        return flag.item() > 0
-
     def fit(self) -> None:
-        while self.state.step < self.cfg.run.train_steps:
-            metrics = self.train_step()
-            self.history.append(metrics)
+        """Steps until the run is done or every rank agreed to stop (the stop request travels
+        in the step's one collective, pretrain.reliability.StepGuard). A failed collective (a
+        dead or hung peer) ends this rank with PeerFailure, naming the rank and step."""
+        rel = self.cfg.reliability
+        self.watchdog = watchdog = Watchdog(self.layout.rank, self.peers)
+        set_collective_timeout(rel.startup_timeout_s)
+        # The first step builds and warms up: it gets the start-up limits.
+        watchdog.arm(rel.startup_timeout_s, self.state.step, "the first step")
+        watchdog.start()
+        warm = False
+        try:
+            while self.state.step < self.cfg.run.train_steps:
+                before = self.state.step
+                metrics = self.train_step()
+                if not warm:  # start-up is over: the per-step limits from now on
+                    set_collective_timeout(rel.collective_timeout_s)
+                    warm = True
+                watchdog.arm(rel.step_timeout_s, self.state.step, "a training step")
+                self.history.append(metrics)
+                # A step stopped before its update, or rolled back, is not reported or saved.
+                if self.state.step > before:
+                    for hook in self.hooks:
+                        hook.after_step(self, metrics)
+                if self.guard.stop or self.fault:
+                    break
+            set_collective_timeout(rel.startup_timeout_s)  # the final save and evaluation
+            watchdog.arm(rel.startup_timeout_s, self.state.step, "the final save")
             for hook in self.hooks:
-                hook.after_step(self, metrics)
-            if self._all_agree_to_stop():
-                break
-        for hook in self.hooks:
-            hook.at_end(self)
+                hook.at_end(self)
+        except RuntimeError as e:
+            if not is_peer_failure(e):
+                raise
+            killed = kill_stopped(self.peers)
+            raise PeerFailure(
+                f"rank {self.layout.rank}: a collective failed after step {self.state.step} "
+                f"(a rank died, or hung past reliability.collective_timeout_s="
+                f"{rel.collective_timeout_s:g}): {str(e).splitlines()[0][:200]}"
+                + (f"; killed stopped ranks {killed}" if killed else "")
+                + "; resume with run.resume=auto"
+            ) from e
+        finally:
+            watchdog.close()
 
 
 # --- hooks ---------------------------------------------------------------------------------
-
-
-class NaNGuard:
-    """Stop at once, without saving, when the loss stops being finite."""
-
-    def after_step(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        if not math.isfinite(metrics["loss"]):
-            raise FloatingPointError(
-                f"loss is {metrics['loss']} at step {trainer.state.step}; lower optim.lr, raise "
-                f"optim.warmup_steps or check the data; resume from the last checkpoint with "
-                f"run.resume=auto"
-            )
-
-    def at_end(self, trainer: Trainer) -> None:
-        pass
 
 
 class ProgressHook:
@@ -266,12 +378,18 @@ def _hms(seconds: float) -> str:
 
 
 class TrackingHook:
-    """Train metrics to MLflow on log steps (after ProgressHook adds throughput)."""
+    """Train metrics to MLflow on log steps (after ProgressHook adds throughput): every numeric
+    entry of the step's metrics (so a hook or runner that adds one, e.g. MoE statistics, gets it
+    tracked), tokens seen, this process's peak memory, and whatever the model reports through a
+    `tracking_metrics() -> dict[str, float]` method. Also hands a new MLflow run's id, once the
+    store has made it, to the train state, so the next checkpoint carries it."""
 
     def after_step(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        if trainer.tracker.run_id is not None:
+            trainer.state.mlflow_run_id = trainer.tracker.run_id
         step = trainer.state.step
         if step % trainer.cfg.run.log_interval == 0 or step == trainer.cfg.run.train_steps:
-            trainer.tracker.log({k: float(v) for k, v in metrics.items()}, step)
+            trainer.tracker.log(step_metrics(trainer, metrics), step)
 
     def at_end(self, trainer: Trainer) -> None:
         pass
@@ -347,22 +465,34 @@ class ExitHook:
         self.start_step = start_step
         self.t0 = time.monotonic()
         self.signalled: str | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
+        # The process's own handlers come back at the end of the run (at_end).
+        self.previous = {
+            sig: signal.signal(sig, self._on_signal)
+            for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+        }
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.signalled = signal.Signals(signum).name
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
+    def before_update(self, trainer: Trainer) -> None:
+        """Asked in each step before its collective, for the step about to complete, so every
+        rank stops after that very step (pretrain.reliability.StepGuard carries the flag)."""
+        self._check(trainer, trainer.state.step + 1)
+
     def after_step(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        self._check(trainer, trainer.state.step)  # agreed in the next step's collective
+
+    def _check(self, trainer: Trainer, step: int) -> None:
         run = trainer.cfg.run
         if self.signalled:
             trainer.request_stop(f"received {self.signalled}")
-        if run.exit_after_steps and trainer.state.step - self.start_step >= run.exit_after_steps:
+        if run.exit_after_steps and step - self.start_step >= run.exit_after_steps:
             trainer.request_stop(f"run.exit_after_steps={run.exit_after_steps} reached")
         if run.exit_after_minutes and time.monotonic() - self.t0 >= 60 * run.exit_after_minutes:
             trainer.request_stop(f"run.exit_after_minutes={run.exit_after_minutes} reached")
 
     def at_end(self, trainer: Trainer) -> None:
-        pass
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

@@ -17,7 +17,7 @@ from megatron.core import tensor_parallel as tp
 from torch import nn
 
 from pretrain.config import ModelConfig
-from pretrain.models.collectives import gather_last_dim
+from pretrain.models.attention import set_windows, stack_globals
 from pretrain.models.layers import (
     Block,
     ParallelModel,
@@ -28,6 +28,7 @@ from pretrain.models.layers import (
     attention_mask,
     build_norm,
     embed_tokens,
+    full_logits,
     lm_head,
     lm_logits,
     lm_loss,
@@ -35,6 +36,7 @@ from pretrain.models.layers import (
     normal_init,
     pad_to_multiple,
     run_blocks,
+    sequence_parallel_pad,
     token_embedding,
 )
 
@@ -93,6 +95,7 @@ class BERT(ParallelModel):
         self.blocks = self.stack(
             2, cfg.n_layers, lambda: Block(cfg, tpc, n_layers=cfg.n_layers, rotary=rotary)
         )
+        set_windows(self.blocks, cfg)
         self.ln_f = build_norm(cfg, tpc) if cfg.norm_position == "pre" else None
         with self.unit(2 + cfg.n_layers):
             self.head_dense = mlm_transform(cfg, tpc)
@@ -117,6 +120,7 @@ class BERT(ParallelModel):
             dtype=x_SBD.dtype,
             device=x_SBD.device,
             key_padding_BK=padding_mask_BS,
+            global_positions=stack_globals(self.cfg),
         )
         x_SBD = run_blocks(self.blocks, x_SBD, mask)
         return self.ln_f(x_SBD) if self.ln_f is not None else x_SBD
@@ -138,7 +142,7 @@ class BERT(ParallelModel):
         loss_mask) when targets are given, else full logits [b, s, v]. padding_mask [b, s] is
         True at real tokens; padded keys are never attended to."""
         s = tokens.shape[1]
-        pad = -s % self.tpc.size if self.tpc.sequence_parallel else 0
+        pad = sequence_parallel_pad(s, self.tpc)
         if pad:  # bidirectional, so pad keys are masked out and pad positions left unscored
             real = torch.ones_like(tokens, dtype=torch.bool)
             padding_mask = pad_to_multiple(real if padding_mask is None else padding_mask, pad)
@@ -149,5 +153,5 @@ class BERT(ParallelModel):
                 targets = pad_to_multiple(targets, pad)
         logits_SBV = self.logits_parallel(self.hidden(tokens, padding_mask))
         if targets is None:
-            return gather_last_dim(logits_SBV, self.tpc.group).transpose(0, 1)[:, :s]
+            return full_logits(logits_SBV, self.tpc, s)
         return lm_loss(logits_SBV, targets, loss_mask, self.tpc, loss_tokens)

@@ -3,7 +3,8 @@
 megatron-core has these (gather_from_sequence_parallel_region, reduce_scatter_to_sequence_
 parallel_region, gather_from_tensor_model_parallel_region), but they allocate their output with
 `torch.cuda.current_device()` and so fail on a CPU build of torch. These are the same operations
-allocated on the input's device, one code path for CPU (gloo) and GPU (NCCL).
+allocated on the input's device, so CPU (gloo) works; the same code is meant for GPU (NCCL),
+which the tests have never run.
 
 Each function is the identity when the group has one rank, so TP=1 models pay nothing.
 """
@@ -37,13 +38,6 @@ def _reduce_scatter_first(x: torch.Tensor, group: Any) -> torch.Tensor:
     return out
 
 
-def _split_first(x: torch.Tensor, group: Any) -> torch.Tensor:
-    n, r = _size(group), dist.get_rank(group)
-    if x.shape[0] % n:
-        raise ValueError(f"cannot split {x.shape[0]} positions over {n} tensor-parallel ranks")
-    return x.chunk(n, dim=0)[r].contiguous()
-
-
 class _GatherSequence(torch.autograd.Function):
     """Forward: all-gather shards of the sequence. Backward: reduce-scatter, because every rank
     feeds the full sequence into its own slice of a tensor-parallel layer, so the gradient of
@@ -67,19 +61,6 @@ class _ReduceScatterSequence(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:
         ctx.group = group
         return _reduce_scatter_first(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _all_gather_first(grad, ctx.group), None
-
-
-class _ScatterSequence(torch.autograd.Function):
-    """Forward: keep this rank's shard of a replicated tensor. Backward: all-gather."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:
-        ctx.group = group
-        return _split_first(x, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -111,11 +92,6 @@ def gather_sequence(x_SBD: torch.Tensor, group: Any) -> torch.Tensor:
 def reduce_scatter_sequence(x_SBD: torch.Tensor, group: Any) -> torch.Tensor:
     """Partial sums [s, b, d] -> this rank's summed shard [s/tp, b, d]."""
     return x_SBD if _size(group) == 1 else _ReduceScatterSequence.apply(x_SBD, group)
-
-
-def scatter_sequence(x_SBD: torch.Tensor, group: Any) -> torch.Tensor:
-    """Replicated [s, b, d] -> this rank's shard [s/tp, b, d]."""
-    return x_SBD if _size(group) == 1 else _ScatterSequence.apply(x_SBD, group)
 
 
 def gather_last_dim(x: torch.Tensor, group: Any) -> torch.Tensor:

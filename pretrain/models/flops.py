@@ -56,12 +56,27 @@ def non_embedding_params(cfg: ModelConfig) -> int:
         dec = cfg.decoder_layers * block_params(cfg, cross=True) + _final_norm(cfg)
         rel_bias = 2 * cfg.rel_buckets * cfg.n_heads
         return enc + dec + rel_bias
-    body = cfg.n_layers * block_params(cfg) + _final_norm(cfg)
+    body = cfg.n_layers * block_params(cfg) + _final_norm(cfg) + moe_extra_params(cfg)
     if cfg.family == "bert":
         d = cfg.d_model
         # Embedding norm, and the MLM head's transform: dense d x d (+ bias), norm.
         body += norm_params(cfg) + d * d + d * int(cfg.bias) + norm_params(cfg)
     return body
+
+
+def moe_layers(cfg: ModelConfig) -> int:
+    """Blocks whose MLP is a mixture of experts: every moe_every-th (pretrain.models.moe)."""
+    return cfg.n_layers // cfg.moe_every if cfg.moe_experts else 0
+
+
+def moe_extra_params(cfg: ModelConfig, active: bool = False) -> int:
+    """Parameters a mixture of experts adds over the dense model: per MoE layer, the router
+    (d_model x experts) and the experts beyond the one the dense MLP counts; `active`: only the
+    top_k experts a token passes through."""
+    if not cfg.moe_experts:
+        return 0
+    extra_experts = (cfg.moe_top_k if active else cfg.moe_experts) - 1
+    return moe_layers(cfg) * (extra_experts * mlp_params(cfg) + cfg.d_model * cfg.moe_experts)
 
 
 def embedding_params(cfg: ModelConfig) -> int:
@@ -84,6 +99,12 @@ def param_count(cfg: ModelConfig, embeddings: bool = True) -> int:
     return body + embedding_params(cfg) if embeddings else body
 
 
+def active_param_count(cfg: ModelConfig, embeddings: bool = True) -> int:
+    """Parameters one token uses: a mixture-of-experts layer counts its router and top_k of its
+    experts (equal to param_count for a dense model)."""
+    return param_count(cfg, embeddings) - moe_extra_params(cfg) + moe_extra_params(cfg, True)
+
+
 def _matmul_weights(cfg: ModelConfig, cross: bool = False) -> int:
     """Weights of one block's matrix multiplies (no biases, no norms)."""
     d, e, h, g, f = cfg.d_model, cfg.head_dim, cfg.n_heads, cfg.kv_heads, cfg.ffn_size
@@ -92,18 +113,28 @@ def _matmul_weights(cfg: ModelConfig, cross: bool = False) -> int:
     return attn + mlp + (attn if cross else 0)
 
 
-def flops_per_token(cfg: ModelConfig, dec_len: int | None = None) -> int:
-    """Training FLOPs per token: 6 per weight of every matrix multiply (forward 2, backward 4),
+def flops_per_token(
+    cfg: ModelConfig, dec_len: int | None = None, embeddings: bool = True
+) -> int:
+    """Training FLOPs per token: 6 per weight of every matrix multiply (forward 2, backward 4)
+    (for a mixture of experts: the router and the top_k experts a token is routed to),
     the output projection included even when tied, plus the attention score and value products
     (6 * 2 * n_layers * seq_len * d_model, counted over the full causal square as PaLM does).
 
     T5: FLOPs of one example (model.seq_len encoder tokens, dec_len decoder tokens; default
     seq_len) divided by its encoder + decoder tokens. A decoder token pays its self-attention
     over dec_len keys and cross-attention over seq_len keys.
+
+    embeddings=False leaves out the output projection (6 * vocab * d_model per token), the
+    convention of Kaplan et al. (C = 6N with N non-embedding); Chinchilla counts it.
     """
-    d, s, v = cfg.d_model, cfg.seq_len, _vocab(cfg)
+    d, s = cfg.d_model, cfg.seq_len
+    v = _vocab(cfg) if embeddings else 0
     if cfg.family != "t5":
         weights = cfg.n_layers * _matmul_weights(cfg) + v * d
+        if cfg.moe_experts:  # each token: its router, and top_k experts instead of one MLP
+            mlp = d * cfg.ffn_size * (3 if cfg.activation in ("swiglu", "geglu") else 2)
+            weights += moe_layers(cfg) * ((cfg.moe_top_k - 1) * mlp + d * cfg.moe_experts)
         if cfg.family == "bert":
             weights += d * d  # the MLM head's transform
         return 6 * weights + 12 * cfg.n_layers * s * d

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from pretrain.config import ModelConfig
-from pretrain.models.collectives import gather_last_dim
+from pretrain.models.attention import set_windows
 from pretrain.models.layers import (
     Block,
     ParallelModel,
@@ -25,11 +25,13 @@ from pretrain.models.layers import (
     attention_mask,
     build_norm,
     embed_tokens,
+    full_logits,
     lm_head,
     lm_logits,
     lm_loss,
     pad_to_multiple,
     run_blocks,
+    sequence_parallel_pad,
     token_embedding,
 )
 
@@ -56,6 +58,7 @@ class GPT(ParallelModel):
         self.blocks = self.stack(
             2, cfg.n_layers, lambda: Block(cfg, tpc, n_layers=cfg.n_layers, rotary=rotary)
         )
+        set_windows(self.blocks, cfg)
         # Post-LN blocks end in a norm already; pre-LN stacks need one before the logits.
         self.ln_f = build_norm(cfg, tpc) if cfg.norm_position == "pre" else None
         self.head = None
@@ -106,7 +109,7 @@ class GPT(ParallelModel):
             return self._logits_any_length(tokens, doc_ids)
         logits_SBV = self.logits_parallel(self.hidden(tokens, doc_ids))
         if targets is None:
-            return gather_last_dim(logits_SBV, self.tpc.group).transpose(0, 1)
+            return full_logits(logits_SBV, self.tpc)
         return lm_loss(logits_SBV, targets, loss_mask, self.tpc, loss_tokens)
 
     def _logits_any_length(self, tokens_BS: torch.Tensor, doc_ids_BS: torch.Tensor | None):
@@ -114,7 +117,7 @@ class GPT(ParallelModel):
         sequence parallelism): pad at the end, which a causal model's earlier positions never
         see, and drop the padding's logits."""
         s = tokens_BS.shape[1]
-        pad = -s % self.tpc.size
+        pad = sequence_parallel_pad(s, self.tpc)
         if pad and s + pad > self.cfg.seq_len:
             raise ValueError(
                 f"{s} tokens padded to {s + pad} for sequence parallelism exceed "
@@ -124,4 +127,4 @@ class GPT(ParallelModel):
         if doc_ids_BS is not None:
             doc_ids_BS = pad_to_multiple(doc_ids_BS, pad, value=-1)
         logits_SBV = self.logits_parallel(self.hidden(tokens_BS, doc_ids_BS))
-        return gather_last_dim(logits_SBV, self.tpc.group).transpose(0, 1)[:, :s]
+        return full_logits(logits_SBV, self.tpc, s)

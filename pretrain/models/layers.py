@@ -30,7 +30,17 @@ from megatron.core import tensor_parallel as tp
 from torch import nn
 
 from pretrain.config import ModelConfig
+
+# AttentionMask and attention_mask live with the kernels; imported here for the model families.
+from pretrain.models.attention import (  # noqa: F401
+    AttentionMask,
+    BlockCache,
+    KVCache,
+    attend,
+    attention_mask,
+)
 from pretrain.models.collectives import (
+    gather_last_dim,
     gather_sequence,
     reduce_scatter_sequence,
 )
@@ -71,11 +81,20 @@ class TensorParallel:
     sequence_parallel: bool
     mp: ModelParallelConfig
     rng: ModelParallelRNG = field(default_factory=ModelParallelRNG, compare=False)
+    # The tokenizer's size: vocabulary rows above it are padding (model.tokenizer_vocab).
+    real_vocab: int | None = None
 
     @classmethod
-    def build(cls, group: Any, size: int = 1, sequence_parallel: bool = False) -> TensorParallel:
+    def build(
+        cls,
+        group: Any,
+        size: int = 1,
+        sequence_parallel: bool = False,
+        real_vocab: int | None = None,
+    ) -> TensorParallel:
         # Sequence parallelism inside a group of one is a no-op (megatron disables it too).
-        tpc = cls(group, size, sequence_parallel and size > 1, parallel_config(size))
+        sp = sequence_parallel and size > 1
+        tpc = cls(group, size, sp, parallel_config(size), real_vocab=real_vocab)
         # Until the trainer seeds it per (dp, pp, tp) rank (seed_model_rng), a usable default:
         # the default generator's seed (what seed_all set) and the TP rank, so TP ranks differ.
         # Reading initial_seed() draws nothing, so the weight init is unaffected.
@@ -167,7 +186,18 @@ def row_linear(
     return layer
 
 
+def plain_linear(layer: nn.Module, tpc: TensorParallel) -> bool:
+    """Whether a tensor-parallel linear layer runs as `F.linear` with its own weights: at TP=1,
+    where megatron's autograd function does the same products (bitwise equal outputs) through a
+    slower path (about 1.3x the time of F.linear's forward and backward on CPU,
+    benchmarks/tp1_kernels.py). ZeRO-3's partitioned weights keep the module call, whose hooks
+    gather them."""
+    return tpc.size == 1 and not hasattr(layer.weight, "ds_id")
+
+
 def column(layer: tp.ColumnParallelLinear, x_SBD: torch.Tensor, tpc: TensorParallel):
+    if plain_linear(layer, tpc):
+        return F.linear(x_SBD, layer.weight, layer.bias)
     if tpc.sequence_parallel:
         x_SBD = gather_sequence(x_SBD, tpc.group)
     out, _ = layer(x_SBD)
@@ -175,6 +205,8 @@ def column(layer: tp.ColumnParallelLinear, x_SBD: torch.Tensor, tpc: TensorParal
 
 
 def row(layer: tp.RowParallelLinear, x_SBF: torch.Tensor, tpc: TensorParallel):
+    if plain_linear(layer, tpc):
+        return F.linear(x_SBF, layer.weight, layer.bias)
     if not tpc.sequence_parallel:
         out, _ = layer(x_SBF)
         return out
@@ -223,6 +255,12 @@ def shard_positions(s: int, tpc: TensorParallel) -> slice:
         return slice(0, s)
     n = s // tpc.size
     return slice(tpc.rank * n, (tpc.rank + 1) * n)
+
+
+def sequence_parallel_pad(s: int, tpc: TensorParallel) -> int:
+    """Positions to append to a sequence of `s` so that sequence parallelism can split it over
+    the TP ranks (0 without sequence parallelism)."""
+    return -s % tpc.size if tpc.sequence_parallel else 0
 
 
 def pad_to_multiple(x_BS: torch.Tensor, pad: int, value: float = 0) -> torch.Tensor:
@@ -292,7 +330,7 @@ class ParallelModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tp_group = tp_group
-        self.tpc = TensorParallel.build(tp_group, tp_size, sequence_parallel)
+        self.tpc = TensorParallel.build(tp_group, tp_size, sequence_parallel, cfg.tokenizer_vocab)
         self.init_seed = draw_model_seed() if seed is None else seed
 
     def unit(self, index: int):
@@ -307,15 +345,16 @@ class ParallelModel(nn.Module):
         return nn.ModuleList(blocks)
 
 
-def absolute_positions(m: nn.Module, x_SBD: torch.Tensor) -> torch.Tensor:
+def absolute_positions(m: nn.Module, x_SBD: torch.Tensor, offset: int = 0) -> torch.Tensor:
     """Add a GPT's or BERT's absolute positions (`attach_positions` gave `m` its table) to the
-    embedded tokens of this rank's shard; rotary and relative schemes add nothing here."""
+    embedded tokens of this rank's shard; rotary and relative schemes add nothing here.
+    `offset`: the first token's position (generation with a KV cache, whole sequences only)."""
     tpc: TensorParallel = m.tpc
     s = x_SBD.shape[0] * (tpc.size if tpc.sequence_parallel else 1)
     if m.pos_embed is not None:
-        return add_positions(x_SBD, m.pos_embed.weight, s, tpc)
+        return add_positions(x_SBD, m.pos_embed.weight, s, tpc, offset)
     if m.cfg.positions == "sinusoidal":
-        return add_positions(x_SBD, m.pos_table, s, tpc)
+        return add_positions(x_SBD, m.pos_table, s, tpc, offset)
     return x_SBD
 
 
@@ -323,6 +362,12 @@ def lm_head(cfg: ModelConfig, tpc: TensorParallel, std: float | None = None):
     """An untied output projection: column-parallel over the vocabulary, no bias."""
     init = normal_init(cfg.init_std if std is None else std)
     return column_linear(cfg.d_model, cfg.vocab_size, False, init, tpc)
+
+
+def full_logits(logits_SBV: torch.Tensor, tpc: TensorParallel, s: int | None = None):
+    """Every rank's vocabulary slice gathered into [b, s, v], less any sequence-parallel
+    padding beyond the first `s` positions."""
+    return gather_last_dim(logits_SBV, tpc.group).transpose(0, 1)[:, :s]
 
 
 def lm_logits(
@@ -343,9 +388,26 @@ def lm_logits(
         # parallel_lm_logits). The untied head does the same inside ColumnParallelLinear.
         h_SBD = tp.copy_to_tensor_model_parallel_region(h_SBD, group=tpc.group)
     if head is not None:
-        logits, _ = head(h_SBD)
-        return logits
-    return F.linear(h_SBD, weight)
+        logits = column(head, h_SBD, tpc) if not tpc.sequence_parallel else head(h_SBD)[0]
+    else:
+        logits = F.linear(h_SBD, weight)
+    return mask_padding(logits, tpc)
+
+
+def mask_padding(logits_SBV: torch.Tensor, tpc: TensorParallel) -> torch.Tensor:
+    """The padding rows' logits (vocabulary ids >= tpc.real_vocab) at the dtype's minimum:
+    no probability, no gradient, never sampled. The model's function then does not depend on
+    how far the vocabulary is padded, so a checkpoint loads under another TP's padding."""
+    if tpc.real_vocab is None:
+        return logits_SBV
+    local = logits_SBV.shape[-1]
+    first_pad = tpc.real_vocab - tpc.rank * local  # in this rank's slice
+    if first_pad >= local:
+        return logits_SBV
+    # In place: the projection's backward does not need its output, and the fill's backward
+    # gives the padding zero gradient.
+    logits_SBV[..., max(first_pad, 0) :] = torch.finfo(logits_SBV.dtype).min
+    return logits_SBV
 
 
 def attach_positions(model: nn.Module, cfg: ModelConfig, tpc: TensorParallel):
@@ -363,10 +425,12 @@ def attach_positions(model: nn.Module, cfg: ModelConfig, tpc: TensorParallel):
 
 
 def add_positions(
-    x_SBD: torch.Tensor, table_SD: torch.Tensor, s: int, tpc: TensorParallel
+    x_SBD: torch.Tensor, table_SD: torch.Tensor, s: int, tpc: TensorParallel, offset: int = 0
 ) -> torch.Tensor:
-    """Add the position vectors of this rank's shard of a sequence of `s` tokens."""
-    return x_SBD + table_SD[shard_positions(s, tpc)].to(x_SBD.dtype).unsqueeze(1)
+    """Add the position vectors of this rank's shard of a sequence of `s` tokens (starting at
+    position `offset`, which only generation's unsharded steps use)."""
+    rows = shard_positions(s, tpc) if offset == 0 else slice(offset, offset + s)
+    return x_SBD + table_SD[rows].to(x_SBD.dtype).unsqueeze(1)
 
 
 class RotaryEmbedding(nn.Module):
@@ -381,9 +445,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_SK", angles_SE.cos(), persistent=False)
         self.register_buffer("sin_SK", angles_SE.sin(), persistent=False)
 
-    def forward(self, x_BHSE: torch.Tensor) -> torch.Tensor:
-        s = x_BHSE.shape[2]
-        cos, sin = self.cos_SK[:s].to(x_BHSE.dtype), self.sin_SK[:s].to(x_BHSE.dtype)
+    def forward(self, x_BHSE: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """`offset`: the position of the first of the s vectors (generation with a KV cache)."""
+        s = x_BHSE.shape[2] + offset
+        cos, sin = self.cos_SK[offset:s].to(x_BHSE.dtype), self.sin_SK[offset:s].to(x_BHSE.dtype)
         # Rotate the first half of the features against the second half (the convention of
         # GPT-NeoX and Llama checkpoints, so exported weights need no permutation).
         x1, x2 = x_BHSE.chunk(2, dim=-1)
@@ -426,10 +491,11 @@ class RelativePositionBias(nn.Module):
         self.weight = nn.Parameter(master[:, tpc.rank * heads : (tpc.rank + 1) * heads].clone())
         tp.set_tensor_model_parallel_attributes(self.weight, True, 1, 1)
 
-    def forward(self, q_len: int, k_len: int) -> torch.Tensor:
-        """Additive bias [1, h, q, k] for this rank's heads."""
+    def forward(self, q_len: int, k_len: int, q_offset: int = 0) -> torch.Tensor:
+        """Additive bias [1, h, q, k] for this rank's heads, for queries at positions
+        q_offset.. (generation's later steps) and keys at 0..k_len-1."""
         keys = torch.arange(k_len, device=self.weight.device)
-        queries = torch.arange(q_len, device=self.weight.device)
+        queries = torch.arange(q_offset, q_offset + q_len, device=self.weight.device)
         rel_QK = keys[None, :] - queries[:, None]
         bucket_QK = relative_position_bucket(
             rel_QK, self.bidirectional, self.num_buckets, self.max_distance
@@ -438,56 +504,6 @@ class RelativePositionBias(nn.Module):
 
 
 # --- attention -----------------------------------------------------------------------------------
-
-
-@dataclass
-class AttentionMask:
-    """What attention needs beyond q, k and v, computed once per forward and shared by all layers
-    of a stack: the causal fast path (SDPA's is_causal, no mask tensor), or an additive bias
-    broadcastable to [b, h, q, k] (padding, documents, T5's position bias)."""
-
-    causal: bool = False
-    bias: torch.Tensor | None = None
-
-
-def attention_mask(
-    q_len: int,
-    k_len: int,
-    *,
-    causal: bool,
-    dtype: torch.dtype,
-    device: torch.device,
-    key_padding_BK: torch.Tensor | None = None,
-    doc_ids_BS: torch.Tensor | None = None,
-    position_bias_1HQK: torch.Tensor | None = None,
-) -> AttentionMask:
-    """A mask tensor is built only when something beyond plain causality needs one, so GPT
-    without documents keeps the fused causal kernels.
-
-    Masked scores get the dtype's lowest finite value rather than -inf: a row with every key
-    masked (an all-padding sequence) then averages its values instead of turning into NaN.
-    """
-    if key_padding_BK is None and doc_ids_BS is None and position_bias_1HQK is None:
-        return AttentionMask(causal=causal)
-    # keep[b|1, q|1, k]: broadcast shapes, so padding alone costs [b, 1, k], not [b, q, k].
-    keeps = []
-    if causal:
-        keeps.append(torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril()[None])
-    if key_padding_BK is not None:
-        keeps.append(key_padding_BK.bool()[:, None, :])
-    if doc_ids_BS is not None:
-        keeps.append(doc_ids_BS[:, :, None] == doc_ids_BS[:, None, :])
-    bias = None
-    if keeps:
-        keep = keeps[0]
-        for other in keeps[1:]:
-            keep = keep & other
-        bias = torch.zeros(keep.shape, dtype=dtype, device=device)
-        bias = bias.masked_fill(~keep, torch.finfo(dtype).min).unsqueeze(1)
-    if position_bias_1HQK is not None:
-        pos = position_bias_1HQK.to(dtype)
-        bias = pos if bias is None else bias + pos
-    return AttentionMask(bias=bias)
 
 
 def _qkv_init(std: float, q_std: float, groups: int, q_per_group: int, head_dim: int):
@@ -536,6 +552,9 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.rotary = rotary
         self.scale = scale
+        # Sliding-window / Longformer reach of this layer (attention.layer_window sets it per
+        # block index; None: every key the stack's mask allows).
+        self.window: int | None = None
         std = cfg.init_std
         q_std = std if q_init_std is None else q_init_std
         d, h, g = cfg.d_model, cfg.n_heads, cfg.kv_heads
@@ -562,15 +581,14 @@ class Attention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         rng = self.tpc.rng.fork(q_BHSE.device) if dropout > 0 else contextlib.nullcontext()
         with rng:
-            return F.scaled_dot_product_attention(
+            return attend(
                 q_BHSE,
                 k_BGSE,
                 v_BGSE,
-                attn_mask=mask.bias,
-                is_causal=mask.causal and mask.bias is None,
-                dropout_p=dropout,
+                mask,
+                window=self.window,
+                dropout=dropout,
                 scale=self.scale,
-                enable_gqa=self.q_per_group > 1,
             )
 
     def forward(
@@ -580,8 +598,10 @@ class Attention(nn.Module):
         memory_SBD: torch.Tensor | None = None,
         *,
         recompute: bool = False,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """`recompute`: recompute the attention core in the backward pass (selective)."""
+        """`recompute`: recompute the attention core in the backward pass (selective).
+        `cache`: generation's keys and values of the earlier tokens (attention.KVCache)."""
         e, g, per = self.head_dim, self.groups_local, self.q_per_group
         if memory_SBD is None:
             qkv = column(self.qkv, x_SBD, self.tpc)
@@ -592,13 +612,27 @@ class Attention(nn.Module):
             v_BGSE = qkv_SBGPE[:, :, :, per + 1].permute(1, 2, 0, 3)
         else:
             q_BHSE = self._heads(column(self.q, x_SBD, self.tpc), self.heads_local)
-            kv = column(self.kv, memory_SBD, self.tpc)
-            kv_KBG2E = kv.view(kv.shape[0], kv.shape[1], g, 2, e)
-            k_BGSE = kv_KBG2E[:, :, :, 0].permute(1, 2, 0, 3)
-            v_BGSE = kv_KBG2E[:, :, :, 1].permute(1, 2, 0, 3)
+            if cache is not None and cache.k_BGKE is not None:  # the encoder's, projected once
+                k_BGSE, v_BGSE = cache.k_BGKE, cache.v_BGKE
+            else:
+                kv = column(self.kv, memory_SBD, self.tpc)
+                kv_KBG2E = kv.view(kv.shape[0], kv.shape[1], g, 2, e)
+                k_BGSE = kv_KBG2E[:, :, :, 0].permute(1, 2, 0, 3)
+                v_BGSE = kv_KBG2E[:, :, :, 1].permute(1, 2, 0, 3)
         if self.rotary is not None:
-            q_BHSE, k_BGSE = self.rotary(q_BHSE), self.rotary(k_BGSE)
-        if recompute and torch.is_grad_enabled():
+            offset = cache.offset if cache is not None else 0
+            q_BHSE, k_BGSE = self.rotary(q_BHSE, offset), self.rotary(k_BGSE, offset)
+        if cache is not None:
+            o_BHSE = cache.attend(
+                q_BHSE,
+                k_BGSE,
+                v_BGSE,
+                mask,
+                cross=memory_SBD is not None,
+                window=self.window,
+                scale=self.scale,
+            )
+        elif recompute and torch.is_grad_enabled():
             # Selective recompute: keep q, k, v and o, recompute the probabilities [b, h, q, k]
             # (the largest activation) in the backward pass, with the same dropout mask.
             o_BHSE = torch.utils.checkpoint.checkpoint(
@@ -677,7 +711,7 @@ class Block(nn.Module):
         q_init_std: float | None = None,
     ):
         super().__init__()
-        attn_kw = dict(n_layers=n_layers, scale=scale, q_init_std=q_init_std)
+        attn_kw: dict[str, Any] = dict(n_layers=n_layers, scale=scale, q_init_std=q_init_std)
         self.pre_norm = cfg.norm_position == "pre"
         self.ln_attn = build_norm(cfg, tpc)
         self.attn = Attention(cfg, tpc, rotary=rotary, **attn_kw)
@@ -705,17 +739,21 @@ class Block(nn.Module):
         memory_mask: AttentionMask | None = None,
         *,
         recompute_attention: bool = False,
+        cache: BlockCache | None = None,
     ) -> torch.Tensor:
         """`recompute_attention`: recompute the attention cores in the backward pass
-        (selective recompute; run_block sets it)."""
+        (selective recompute; run_block sets it). `cache`: generation's KV caches."""
         rc = recompute_attention
-        x_SBD = self._sub(x_SBD, self.ln_attn, lambda h: self.attn(h, mask, recompute=rc))
+        kv, cross_kv = (cache.self_attn, cache.cross_attn) if cache is not None else (None, None)
+        x_SBD = self._sub(x_SBD, self.ln_attn, lambda h: self.attn(h, mask, recompute=rc, cache=kv))
         if self.cross_attn is not None:
             if memory_SBD is None or memory_mask is None:
                 raise ValueError("a cross-attention block needs the encoder output and its mask")
             cross = self.cross_attn
             x_SBD = self._sub(
-                x_SBD, self.ln_cross, lambda h: cross(h, memory_mask, memory_SBD, recompute=rc)
+                x_SBD,
+                self.ln_cross,
+                lambda h: cross(h, memory_mask, memory_SBD, recompute=rc, cache=cross_kv),
             )
         return self._sub(x_SBD, self.ln_mlp, self.mlp)
 
@@ -769,18 +807,29 @@ def lm_loss(
     the step's scored positions over all micro-batches and data-parallel ranks, divided by their
     number, so that after DeepSpeed's mean over micro-batches and ranks every token of the step
     weighs the same, however the batch was split (pretrain.steps.token_weights)."""
-    # megatron's vocab_parallel_cross_entropy reduces over parallel_state's global TP group,
-    # not the model's: a model built for another group would get a silently wrong loss.
-    from megatron.core import parallel_state as ps
+    targets_SB = targets_BS.transpose(0, 1).contiguous()
+    if tpc.size == 1:
+        # The whole vocabulary is here: torch's fused kernel, not megatron's three all-reduces
+        # over a group of one and its unfused softmax (about 1.2x faster on CPU,
+        # benchmarks/tp1_kernels.py; equal to it within float32 rounding, tests/unit/test_perf.py).
+        logits_NV = logits_SBV.float().flatten(0, 1)
+        loss_SB = F.cross_entropy(logits_NV, targets_SB.flatten(), reduction="none")
+        loss_SB = loss_SB.view(targets_SB.shape)
+    else:
+        # megatron's vocab_parallel_cross_entropy reduces over parallel_state's global TP
+        # group, not the model's: a model built for another group would get a wrong loss.
+        from megatron.core import parallel_state as ps
 
-    if ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() != tpc.size:
-        raise ValueError(
-            f"the model is built for TP={tpc.size} but megatron's tensor-parallel group has "
-            f"{ps.get_tensor_model_parallel_world_size()} ranks; the loss would be reduced over it"
-        )
-    loss_SB = tp.vocab_parallel_cross_entropy(
-        logits_SBV.float(), targets_BS.transpose(0, 1).contiguous()
-    )
+        if (
+            ps.model_parallel_is_initialized()
+            and ps.get_tensor_model_parallel_world_size() != tpc.size
+        ):
+            raise ValueError(
+                f"the model is built for TP={tpc.size} but megatron's tensor-parallel group has "
+                f"{ps.get_tensor_model_parallel_world_size()} ranks; the loss would be reduced "
+                f"over it"
+            )
+        loss_SB = tp.vocab_parallel_cross_entropy(logits_SBV.float(), targets_SB)
     if loss_mask_BS is None:
         total, count = loss_SB.sum(), loss_SB.new_tensor(float(loss_SB.numel()))
     else:

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from pretrain.config import ModelConfig
+from pretrain.models.attention import layer_window, stack_globals
 from pretrain.models.bert import mlm_transform, output_bias
 from pretrain.models.layers import (
     Block,
@@ -143,6 +144,8 @@ class GPTBlock(StackBlock):
             block = Block(cfg, tpc, n_layers=cfg.n_layers, rotary=rotary)
         super().__init__(block, index)
         self.tpc = tpc
+        block.attn.window = layer_window(cfg, index)
+        self.global_positions = stack_globals(cfg)
 
     def forward(self, inputs):
         x, *rest = inputs
@@ -195,7 +198,13 @@ class BERTBlock(GPTBlock):
         x, padding = inputs
         s = _full_length(x, self.tpc)
         mask = attention_mask(
-            s, s, causal=False, dtype=x.dtype, device=x.device, key_padding_BK=padding.bool()
+            s,
+            s,
+            causal=False,
+            dtype=x.dtype,
+            device=x.device,
+            key_padding_BK=padding.bool(),
+            global_positions=self.global_positions,
         )
         return (run_block(self.block, self.index, x, mask), padding)
 
@@ -467,7 +476,9 @@ def build_pipeline(
 
     if cfg.family not in FAMILIES:
         raise ValueError(f"no pipeline for model family {cfg.family!r}")
-    tpc = TensorParallel.build(layout.tp_group, layout.tp_size, sequence_parallel)
+    tpc = TensorParallel.build(
+        layout.tp_group, layout.tp_size, sequence_parallel, cfg.tokenizer_vocab
+    )
     topology = PipeModelDataParallelTopology(
         num_pp=layout.pp_size, num_mp=layout.tp_size, num_dp=layout.dp_size
     )
@@ -505,15 +516,26 @@ def build_pipeline(
 
 def model_names(pipe: nn.Module) -> dict[str, str]:
     """{stage parameter name: one-process model parameter name} for this stage."""
-    maps = layer_name_maps(pipe._layer_specs)
-    names = {}
-    for name, _ in pipe.named_parameters():
+    to_model = stage_name_map(pipe._layer_specs)
+    return {name: to_model(name) for name, _ in pipe.named_parameters()}
+
+
+def stage_name_map(specs: list) -> Callable[[str], str]:
+    """A function from a stage's parameter names (`7.block.attn...`, `tied_modules.embed.
+    embed.weight`) to the one-process model's."""
+    maps = layer_name_maps(specs)
+
+    def to_model(name: str) -> str:
         head, _, local = name.partition(".")
         if head == "tied_modules":  # tied_modules.embed.embed.weight -> embed.weight
-            names[name] = local.partition(".")[2]
-        else:
-            names[name] = maps[int(head)](local)
-    return names
+            return local.partition(".")[2]
+        return maps[int(head)](local)
+
+    return to_model
+
+
+def _prefixed(prefix: str, local: str) -> str:
+    return prefix + local.removeprefix("block.")
 
 
 def layer_name_maps(specs: list) -> list[Callable[[str], str]]:
@@ -521,13 +543,13 @@ def layer_name_maps(specs: list) -> list[Callable[[str], str]]:
     of a pipeline checkpoint) to the one-process model's: the blocks' `block.` becomes
     `blocks.{i}.` (`encoder.`/`decoder.` for T5); every other unit holds its parameters under
     the one-process model's names already. Block units take the block index last."""
-    maps = []
+    maps: list[Callable[[str], str]] = []
     for spec in specs:
         kind = getattr(spec, "typename", None)
         if isinstance(kind, type) and issubclass(kind, StackBlock):
             stack = {T5EncoderBlock: "encoder", T5DecoderBlock: "decoder"}.get(kind, "blocks")
             prefix = f"{stack}.{spec.module_args[-1]}."
-            maps.append(lambda local, p=prefix: p + local.removeprefix("block."))
+            maps.append(partial(_prefixed, prefix))
         else:
             maps.append(lambda local: local)
     return maps

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 
 from pretrain.config import ModelConfig
-from pretrain.models.collectives import gather_last_dim
 from pretrain.models.layers import (
     Block,
     ParallelModel,
@@ -30,11 +29,13 @@ from pretrain.models.layers import (
     attention_mask,
     build_norm,
     embed_tokens,
+    full_logits,
     lm_head,
     lm_logits,
     lm_loss,
     pad_to_multiple,
     run_blocks,
+    sequence_parallel_pad,
     token_embedding,
 )
 
@@ -121,7 +122,7 @@ class T5(ParallelModel):
     def _pad(self, tokens_BS: torch.Tensor, padding_BS: torch.Tensor | None):
         """Pad a sequence to a multiple of the TP size under sequence parallelism, with the
         padding marked as such (so no real position attends to it)."""
-        pad = -tokens_BS.shape[1] % self.tpc.size if self.tpc.sequence_parallel else 0
+        pad = sequence_parallel_pad(tokens_BS.shape[1], self.tpc)
         if not pad:
             return tokens_BS, padding_BS, 0
         real = torch.ones_like(tokens_BS, dtype=torch.bool) if padding_BS is None else padding_BS
@@ -188,7 +189,7 @@ class T5(ParallelModel):
         s = dec_tokens.shape[1]
         dec_tokens, dec_padding_mask, _ = self._pad(dec_tokens, dec_padding_mask)
         logits_SBV = self.decode_parallel(dec_tokens, memory, dec_padding_mask)
-        return gather_last_dim(logits_SBV, self.tpc.group).transpose(0, 1)[:, :s]
+        return full_logits(logits_SBV, self.tpc, s)
 
     def forward(
         self,
