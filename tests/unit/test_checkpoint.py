@@ -93,12 +93,12 @@ def test_compatible_checkpoint_passes(tmp_path):
 @pytest.mark.parametrize(
     "meta, overrides, dp, message",
     [
-        ({"tp": 2}, (), 2, "tp=2"),
-        ({"zero_stage": 0}, (), 2, "ZeRO stage 0"),
-        ({}, (), 4, "optimizer shards of 2"),
-        ({"zero_stage": 3}, ("parallel.zero_stage=3",), 4, "ZeRO-3 weight shards"),
         ({"data": {"fingerprint": "0" * 64, "seq_len": 32}}, (), 2, "fingerprint"),
         ({"data": {"fingerprint": FINGERPRINT, "seq_len": 64}}, (), 2, "seq_len"),
+        # Another layout needs the split dimensions recorded at save time (not by old versions).
+        ({"tp": 2}, (), 2, "older version"),
+        # A pipeline checkpoint at ZeRO-0: its optimizer files do not name their tensors.
+        ({"pp": 2, "zero_stage": 0, "tp_dims": {}}, (), 2, "pp=2.*ZeRO stage 0"),
     ],
 )
 def test_incompatible_checkpoint_is_refused(tmp_path, meta, overrides, dp, message):
@@ -108,16 +108,33 @@ def test_incompatible_checkpoint_is_refused(tmp_path, meta, overrides, dp, messa
 
 
 @pytest.mark.parametrize(
-    "meta, exclude, dp",
+    "meta, overrides, dp, changes",
     [
-        ({"zero_stage": 0}, "[optimizer]", 2),  # a fresh optimizer at another stage
-        ({}, "[optimizer]", 4),  # another dp size, ZeRO-1 weights are whole
-        ({"data": {"fingerprint": "0" * 64, "seq_len": 32}}, "[data]", 2),  # new data
+        ({}, (), 2, []),  # the same layout: DeepSpeed loads it as saved
+        ({"tp": 2}, (), 2, ["tp 2 -> 1"]),
+        ({"zero_stage": 0}, (), 2, ["ZeRO stage 0 -> 1"]),
+        ({}, (), 4, ["dp 2 -> 4"]),  # ZeRO-1 optimizer shards belong to the saved DP size
+        ({"zero_stage": 3}, ("parallel.zero_stage=3",), 4, ["dp 2 -> 4"]),
+        ({"zero_stage": 0}, ("parallel.zero_stage=0",), 4, []),  # ZeRO-0 fp32 holds all
+        ({"zero_stage": 3}, (), 2, ["ZeRO stage 3 -> 1"]),
+        ({"precision": "fp32"}, ("run.precision=bf16",), 2, ["precision fp32 -> bf16"]),
+        # bf16 shards its optimizer state over DP even at ZeRO-0 (older versions allowed it).
+        (
+            {"zero_stage": 0, "precision": "bf16"},
+            ("parallel.zero_stage=0", "run.precision=fp32"),
+            4,
+            ["precision bf16 -> fp32", "dp 2 -> 4"],
+        ),
     ],
 )
-def test_excluding_the_part_allows_the_change(tmp_path, meta, exclude, dp):
-    path = fake_checkpoint(tmp_path, 10, **meta)
-    check_compatible(path, cfg(f"checkpoint.exclude_from_loading={exclude}"), IDENTITY, dp)
+def test_layout_changes_are_resharded(tmp_path, meta, overrides, dp, changes):
+    path = fake_checkpoint(tmp_path, 10, tp_dims={}, **meta)
+    assert check_compatible(path, cfg(*overrides), IDENTITY, dp=dp) == changes
+
+
+def test_excluding_the_data_allows_other_data(tmp_path):
+    path = fake_checkpoint(tmp_path, 10, data={"fingerprint": "0" * 64, "seq_len": 32})
+    check_compatible(path, cfg("checkpoint.exclude_from_loading=[data]"), IDENTITY, 2)
 
 
 def test_prune_keeps_the_newest_and_drops_stale_partial_saves(tmp_path):
@@ -224,34 +241,24 @@ SHAPE = {
             "model.d_model: checkpoint 128, this run 256",
         ),
         ({"model": SHAPE}, ("model.n_layers=6",), 2, "model.n_layers: checkpoint 4, this run 6"),
-        # ZeRO-3 <-> 0/1/2 cannot load even without the optimizer state.
-        ({"zero_stage": 3}, ("parallel.zero_stage=1",), 2, "stored differently"),
-        ({"zero_stage": 0}, ("parallel.zero_stage=3",), 2, "stored differently"),
-        # bf16 at ZeRO-0 (older versions allowed it, without recording the precision) shards
-        # its optimizer state over DP ranks in *optim_states.pt files.
-        ({"zero_stage": 0, "optim_file": True}, ("parallel.zero_stage=0",), 4, "ZeRO-0 optim"),
-        ({"precision": "fp32"}, ("run.precision=bf16",), 2, "run.precision=fp32"),
+        # A padding change needs the tokenizer's size, which older versions did not record.
+        (
+            {"model": SHAPE, "tp_dims": {}},
+            ("model.vocab_size=576",),
+            2,
+            "512 vocabulary rows, this run pads to 576",
+        ),
     ],
 )
 def test_more_incompatible_checkpoints_are_refused(tmp_path, meta, overrides, dp, message):
-    optim_file = meta.pop("optim_file", False)
     path = fake_checkpoint(tmp_path, 10, **meta)
-    if optim_file:
-        (path / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
-    config = cfg("model.vocab_size=512", *overrides, "checkpoint.exclude_from_loading=[]")
-    with pytest.raises(CheckpointError, match=message):
-        check_compatible(path, config, IDENTITY, dp=dp)
-    if "stored differently" in message or "model." in message:  # no override helps these
-        excluded = cfg(
-            "model.vocab_size=512", *overrides, "checkpoint.exclude_from_loading=[optimizer]"
+    # No override helps: weights of another shape cannot be loaded.
+    for exclude in ("[]", "[optimizer]"):
+        config = cfg(
+            "model.vocab_size=512", *overrides, f"checkpoint.exclude_from_loading={exclude}"
         )
         with pytest.raises(CheckpointError, match=message):
-            check_compatible(path, excluded, IDENTITY, dp=dp)
-    else:  # a fresh optimizer state makes the deliberate change go through
-        excluded = cfg(
-            "model.vocab_size=512", *overrides, "checkpoint.exclude_from_loading=[optimizer]"
-        )
-        check_compatible(path, excluded, IDENTITY, dp=dp)
+            check_compatible(path, config, IDENTITY, dp=dp)
 
 
 def test_the_same_shape_passes(tmp_path):
