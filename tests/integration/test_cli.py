@@ -35,7 +35,7 @@ def no_launch(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError(f"the launcher started a process: {args}")
 
-    monkeypatch.setattr(launch_cli.subprocess, "call", refuse)
+    monkeypatch.setattr(launch_cli.supervise, "run", refuse)
 
 
 def dry_run(capsys, *args: str) -> list[str]:
@@ -110,13 +110,20 @@ def test_launch_checks_the_world_size_of_all_nodes(capsys, no_launch):
     assert "world size 2" in capsys.readouterr().err
 
 
-def test_launch_runs_what_dry_run_prints(capsys, monkeypatch, dataset):
-    """Without --dry-run the same argv goes to subprocess.call, with one thread per rank."""
-    args = [TINY, "--nproc-per-node", "2", "run.train_steps=5", f"data.path={dataset}"]
+def test_launch_runs_what_dry_run_prints(capsys, monkeypatch, dataset, tmp_path):
+    """Without --dry-run the same argv goes to the supervisor, with one thread per rank."""
+    args = [
+        TINY,
+        "--nproc-per-node",
+        "2",
+        "run.train_steps=5",
+        f"data.path={dataset}",
+        f"run.output_dir={tmp_path}",  # the launcher prepares the MLflow store there
+    ]
     printed = dry_run(capsys, *args)
     calls = []
     monkeypatch.setattr(
-        launch_cli.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 7
+        launch_cli.supervise, "run", lambda cmd, env: calls.append((cmd, env)) or 7
     )
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert launch_main(args) == 7  # torchrun's exit status is passed on
