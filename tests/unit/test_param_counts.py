@@ -18,6 +18,10 @@ explicitly: the configs take theirs from the dataset):
   bert-large  336M            HF `bert-large-uncased` model card; the paper rounds it to 340M
   t5-small    60M             Raffel et al. 2020, T5 paper section 3.7 / model cards, vocab 32128
   t5-base     220M            Raffel et al. 2020 ("roughly 220 million"), vocab 32128
+  switch-base-8  620M         HF `google/switch-base-8` (T5-base with 8 experts in every other
+                              MLP; 619.3M by the T5 count plus 12 x (7 experts + router)),
+                              vocab 32128; ours is its decoder-only GPT shape (all 8 experts
+                              counted, pretrain.models.flops.param_count)
 
 Two of these are published to two significant figures only: GPT-3 XL's "1.3B" (this shape
 has 1.316B with GPT-2's vocabulary, 1.2% above the rounded figure) and T5-base's "220M"
@@ -59,6 +63,7 @@ PUBLISHED = [
     Published("bert-large", 30522, 336e6),
     Published("t5-small", 32128, 60e6),
     Published("t5-base", 32128, 220e6, significant_figures=2),
+    Published("switch-base-8", 32128, 620e6),
 ]
 
 
@@ -138,9 +143,20 @@ def test_param_count_matches_built_module(world1, name):
     assert flops_per_token(cfg) > 6 * share * param_count(cfg, embeddings=False)
 
 
-def test_t5_flops_grow_with_the_decoder_length():
-    cfg = ModelConfig(**VARIANTS["t5"])
-    assert flops_per_token(cfg, dec_len=4) != flops_per_token(cfg, dec_len=16)
+def test_t5_flops_per_token_by_decoder_length():
+    """Counted by hand for a T5 of 2 encoder blocks and 1 decoder block, d 8, 2 heads, MLP 32
+    (relu: 2 matrices), vocabulary 10, 6 encoder tokens and t decoder tokens per example.
+    Encoder token: 6 x 2 x (4 x 8 x 8 + 2 x 8 x 32) = 9216, plus scores and values over the 6
+    keys 12 x 2 x 6 x 8 = 1152. Decoder token: 6 x (self 256 + cross 256 + MLP 512 + head
+    10 x 8) = 6624, plus 12 x 1 x (t + 6) x 8. Per token: the example's sum over 6 + t."""
+    cfg = ModelConfig(
+        family="t5", positions="relative", norm="rmsnorm", bias=False, activation="relu",
+        n_layers=2, n_decoder_layers=1, d_model=8, n_heads=2, seq_len=6, vocab_size=10,
+    )  # fmt: skip
+    for t in (4, 16):
+        example = 6 * (9216 + 1152) + t * (6624 + 12 * (t + 6) * 8)
+        assert flops_per_token(cfg, dec_len=t) == example // (6 + t)
+    assert flops_per_token(cfg, dec_len=4) == 9254  # 92544 / 10
 
 
 def test_count_printed_at_start_up_is_the_analytic_one(world1):
