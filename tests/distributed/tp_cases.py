@@ -13,8 +13,9 @@ from dataclasses import dataclass
 # CPU over gloo (also on a machine with a GPU, so the numbers do not depend on it), fp32,
 # dropout 0 (dropout masks legitimately differ between layouts), ZeRO 0, no tracking. vocab 128
 # divides by any TP size the test uses. grad_clip is low enough that clipping engages on every
-# step, so the TP-aware global norm (DeepSpeed's clip_grad_norm_ with our mpu) changes the
-# updates and a wrong norm would show in the losses (the test asserts that it engages).
+# step, so the TP-aware global norm (DeepSpeed's clip_grad_norm_ with our mpu) is used (the
+# test asserts that it engages). A wrong norm need not show in the losses (Adam cancels a
+# consistent scale error), so the test compares the norms directly.
 BASE = (
     "run.device=cpu",
     "model.n_layers=2",
@@ -40,7 +41,7 @@ CONTROL_SEED = 1  # a different init: the negative control
 
 @dataclass(frozen=True)
 class Case:
-    family: str  # "causal" | "mlm" | "span": the batch contract
+    family: str  # "causal" | "causal_docs" | "mlm" | "span": the batch contract
     overrides: tuple[str, ...]
 
 
@@ -78,6 +79,30 @@ CASES: dict[str, Case] = {
             "model.positions=sinusoidal",
             "model.activation=geglu",
             "model.norm_position=post",
+        ),
+    ),
+    # Sliding-window attention on one of the two layers, inside documents (documents make the
+    # attention take the chunked kernel with per-block masks).
+    "gpt-window-docs": Case(
+        "causal_docs",
+        (
+            "model.family=gpt",
+            "model.positions=rope",
+            "model.attention=sliding_window",
+            "model.attention_window=6",
+            "model.window_layers=[0]",
+        ),
+    ),
+    # Longformer: a local window plus the first token's global attention, with padding.
+    "bert-longformer": Case(
+        "mlm",
+        (
+            "model.family=bert",
+            "model.positions=learned",
+            "model.norm_position=post",
+            "model.attention=longformer",
+            "model.attention_window=5",
+            "model.global_positions=[0]",
         ),
     ),
     "bert": Case(

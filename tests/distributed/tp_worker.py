@@ -109,7 +109,19 @@ def span_batch(gen: torch.Generator, b: int, L: int, vocab: int) -> dict[str, to
     }
 
 
-BATCHES = {"causal": causal_batch, "mlm": mlm_batch, "span": span_batch}
+def causal_docs_batch(gen: torch.Generator, b: int, L: int, vocab: int) -> dict[str, torch.Tensor]:
+    """A causal batch of packed documents: doc_ids [b, L] change at random boundaries."""
+    batch = causal_batch(gen, b, L, vocab)
+    batch["doc_ids"] = (torch.rand(b, L, generator=gen) < 0.15).long().cumsum(dim=1)
+    return batch
+
+
+BATCHES = {
+    "causal": causal_batch,
+    "causal_docs": causal_docs_batch,
+    "mlm": mlm_batch,
+    "span": span_batch,
+}
 
 
 class SyntheticBatches:
@@ -131,6 +143,14 @@ class SyntheticBatches:
         self.step += 1
         m = self.cfg.model
         return [self.make(gen, self.cfg.parallel.micro_batch_size, m.seq_len, m.vocab_size)]
+
+    # The rest of the loader protocol (pretrain.trainer.Batches): the trainer snapshots the
+    # position before each step so that a skipped or stopped step can rewind it.
+    def state_dict(self) -> dict[str, int]:
+        return {"consumed": self.step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step = int(state["consumed"])
 
 
 # --- the engine, tapped -------------------------------------------------------------------
