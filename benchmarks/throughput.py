@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,42 +33,8 @@ from pretrain.engine import build_engine  # noqa: E402
 from pretrain.models import build_model  # noqa: E402
 from pretrain.models.flops import flops_per_token, param_count  # noqa: E402
 
-
-class RefBlock(nn.Module):
-    def __init__(self, d: int, h: int, f: int):
-        super().__init__()
-        self.h = h
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.up, self.down = nn.Linear(d, f), nn.Linear(f, d)
-
-    def forward(self, x):
-        b, s, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(b, s, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(a.transpose(1, 2).reshape(b, s, d))
-        return x + self.down(F.gelu(self.up(self.ln2(x))))
-
-
-class RefGPT(nn.Module):
-    """The same architecture as pretrain.models.gpt.GPT in plain PyTorch ([b, s, d])."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        d = cfg.d_model
-        self.tok = nn.Embedding(cfg.vocab_size, d)
-        self.pos = nn.Embedding(cfg.seq_len, d)
-        self.blocks = nn.ModuleList(
-            RefBlock(d, cfg.n_heads, cfg.ffn_size) for _ in range(cfg.n_layers)
-        )
-        self.ln_f = nn.LayerNorm(d)
-
-    def forward(self, x, y):
-        h = self.tok(x) + self.pos.weight[: x.shape[1]]
-        for blk in self.blocks:
-            h = blk(h)
-        logits = self.ln_f(h) @ self.tok.weight.T
-        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from plain_gpt import PlainGPT  # noqa: E402  (the reference model of every parity benchmark)
 
 
 def time_steps(step, n: int) -> list[float]:
@@ -101,7 +66,9 @@ def main(argv: list[str]) -> None:
         engine.backward(engine(**{k: v.to(device) for k, v in batch.items()}))
         engine.step()
 
-    ref = RefGPT(cfg.model).to(device)
+    m = cfg.model
+    ref = PlainGPT(m.vocab_size, m.seq_len, m.n_layers, m.d_model, m.n_heads, m.ffn_size)
+    ref = ref.to(device)
     opt = torch.optim.AdamW(ref.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     gen = torch.Generator().manual_seed(0)
 

@@ -6,7 +6,9 @@ A BPE tokenizer is trained on it first (not timed), or --tokenizer gives one. Th
 
 - encode: the stage the workers parallelize (documents already in memory -> chunks -> worker
   processes -> id arrays back in order), in MB of UTF-8 text per second, median of the rounds;
-- build: one whole `build` with the tokenizer given (read, encode, write shards, hash), seconds.
+- build: one whole `build` with the tokenizer given (read, encode, write shards, hash), seconds;
+- reference: Hugging Face tokenizers' own parallel `encode_batch` over the same documents with
+  N threads (a fresh process per round), MB/s; the column "ours N / HF N" is the ratio.
 
 usage: python benchmarks/tokenization.py [--workers N] [--rounds R] [--tokenizer FILE|bytes]
 Prints a Markdown table row for docs/benchmarks.md.
@@ -60,6 +62,39 @@ def encode_seconds(tok: Tokenizer, documents: list[str], workers: int) -> tuple[
     return time.perf_counter() - start, cpu_seconds() - cpu, tokens
 
 
+HF_REFERENCE = """
+import json, sys, time
+from tokenizers import Tokenizer
+tok = Tokenizer.from_file(sys.argv[1])
+docs = json.load(open(sys.argv[2]))
+tok.encode_batch(docs[:8], add_special_tokens=False)  # the thread pool starts
+t0 = time.perf_counter()
+n = sum(len(e.ids) for e in tok.encode_batch(docs, add_special_tokens=False))
+print(time.perf_counter() - t0, n)
+"""
+
+
+def hf_encode_seconds(tokenizer_json: str, documents: list[str], threads: int, tmp: str) -> float:
+    """Wall seconds of Hugging Face tokenizers' own parallel `encode_batch` over the documents,
+    in a fresh process whose Rust thread pool has `threads` threads (the reference the builder's
+    encode stage is held to: the same files, the same cores)."""
+    import json
+    import subprocess
+
+    docs = Path(tmp) / "documents.json"
+    if not docs.exists():
+        docs.write_text(json.dumps(documents))
+    env = {**os.environ, "RAYON_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "true"}
+    out = subprocess.run(
+        [sys.executable, "-c", HF_REFERENCE, tokenizer_json, str(docs)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return float(out.stdout.split()[0])
+
+
 def build_seconds(tokenizer: str, workers: int) -> float:
     """Seconds of a whole build of the stdlib corpus with a given tokenizer."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,7 +142,14 @@ def main() -> None:
             name = "bytes" if tokenizer == "bytes" else Path(tokenizer).name
         walls = {1: [], args.workers: []}
         cpus = {1: [], args.workers: []}
+        hf_json = tokenizer
+        if tokenizer == "bytes":
+            hf_json = str(Path(tmp) / "bytes.json")
+            tok.save(hf_json)
+        hf_walls: list[float] = []
         for _ in range(args.rounds):
+            hf_walls.append(hf_encode_seconds(hf_json, documents, args.workers, tmp))
+            print(f"HF encode_batch, {args.workers} threads: {hf_walls[-1]:.2f} s", flush=True)
             for workers in walls:
                 seconds, cpu, tokens = encode_seconds(tok, documents, workers)
                 walls[workers].append(seconds)
@@ -120,6 +162,7 @@ def main() -> None:
         builds = {w: build_seconds(tokenizer, w) for w in walls}
     one, many = (megabytes / statistics.median(walls[w]) for w in (1, args.workers))
     cpu_one, cpu_many = (statistics.median(cpus[w]) for w in (1, args.workers))
+    hf = megabytes / statistics.median(hf_walls)
     # Other processes' load: on a shared machine it, not our code, can decide the speed-up.
     load = f"{load_before:.1f} / {os.getloadavg()[0]:.1f}"
     print(f"\n{len(documents)} documents, {megabytes:.1f} MB; {cpu_name()}, ", end="")
@@ -127,14 +170,14 @@ def main() -> None:
     print(
         "| date | corpus | tokenizer | workers | encode MB/s, 1 worker | encode MB/s, N workers "
         "| speed-up | encode CPU s, 1 / N | build s, 1 worker | build s, N workers "
-        "| load avg before / after |"
+        "| HF encode_batch MB/s, N threads | ours N / HF N | load avg before / after |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print(
         f"| {datetime.date.today()} | stdlib, {megabytes:.1f} MB | {name} | {args.workers} "
         f"| {one:.2f} | {many:.2f} | {many / one:.2f} | {cpu_one:.1f} / {cpu_many:.1f} "
         f"| {builds[1]:.1f} "
-        f"| {builds[args.workers]:.1f} | {load} |"
+        f"| {builds[args.workers]:.1f} | {hf:.2f} | {many / hf:.2f} | {load} |"
     )
 
 

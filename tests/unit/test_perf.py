@@ -1,0 +1,278 @@
+"""Performance plumbing: FLOPs per token and MFU against values computed by hand, the device
+peak table, the step split of PerfHook, the TP=1 kernels (F.linear, F.cross_entropy) against
+megatron's, and the one-pass gradient norm against DeepSpeed's two passes."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pretrain.config import ModelConfig
+from pretrain.models.flops import flops_per_token
+from pretrain.perf import PerfHook, device_peak_flops, mfu
+
+DENSE = ModelConfig(n_layers=2, d_model=64, n_heads=4, seq_len=32, vocab_size=512)
+
+
+def test_flops_per_token_of_a_dense_gpt_by_hand():
+    # Per block: q, k, v, o are 4 x 64 x 64 = 16,384 weights; MLP 64 x 256 twice = 32,768.
+    # Two blocks 98,304, plus the (tied) output projection 512 x 64 = 32,768: 131,072 weights,
+    # 6 FLOPs each = 786,432. Attention products: 12 x 2 layers x 32 x 64 = 49,152.
+    assert flops_per_token(DENSE) == 786_432 + 49_152
+    # Negative control: an untied head costs no extra FLOPs (same matmul), a third layer does.
+    assert flops_per_token(ModelConfig(**{**vars(DENSE), "tie_embeddings": False})) == 835_584
+    assert flops_per_token(ModelConfig(**{**vars(DENSE), "n_layers": 3})) != 835_584
+
+
+def test_mfu_by_hand():
+    # 835,584 FLOP/token x 10,000 tokens/s = 8.35584e9 FLOP/s over 2 devices of 1e12.
+    assert mfu(835_584, 10_000, 1e12, 2) == pytest.approx(8.35584e9 / 2e12, rel=1e-12)
+    assert mfu(835_584, 10_000, 1e12, 1) == pytest.approx(2 * mfu(835_584, 10_000, 1e12, 2))
+
+
+def test_device_peaks():
+    assert device_peak_flops("cuda", "bf16", "NVIDIA H200")[0] == 989e12
+    assert device_peak_flops("cuda", "bf16", "NVIDIA A100-SXM4-80GB")[0] == 312e12
+    peak, why = device_peak_flops("cuda", "bf16", "Mystery GPU")
+    assert peak is None and "run.peak_flops" in why
+    cpu1, _ = device_peak_flops("cpu", "fp32", threads=1)
+    cpu2, _ = device_peak_flops("cpu", "fp32", threads=2)
+    if cpu1 is not None:
+        assert cpu2 == pytest.approx(2 * cpu1)
+
+
+class FakeEngine:
+    def __init__(self):
+        self.stepped = 0
+
+    def step(self):
+        time.sleep(0.02)
+        self.stepped += 1
+
+    def allreduce_gradients(self):
+        time.sleep(0.01)
+
+
+def test_perf_hook_splits_the_step_and_reports_mfu(tmp_path):
+    """Data wait, optimizer and comm are what their calls took (lower bounds: sleeps); the rest
+    is forward+backward; MFU follows from tokens/s and the configured peak."""
+    engine = FakeEngine()
+    loader = SimpleNamespace(next_step=lambda: time.sleep(0.03) or [])
+    run = SimpleNamespace(peak_flops=1e9, profile_steps=[], precision="fp32", run_dir=tmp_path)
+    layout = SimpleNamespace(device=torch.device("cpu"), world_size=1, rank=0, is_main=True)
+    trainer = SimpleNamespace(
+        cfg=SimpleNamespace(run=run),
+        layout=layout,
+        engine=engine,
+        train_data=loader,
+        state=SimpleNamespace(step=0),
+    )
+
+    def train_step():
+        trainer.train_data.next_step()
+        trainer.engine.allreduce_gradients()
+        trainer.engine.step()
+        time.sleep(0.015)  # "forward and backward"
+        trainer.state.step += 1
+
+    trainer.train_step = train_step
+    lines: list[str] = []
+    hook = PerfHook(trainer, 1000.0, printer=lambda text, **kw: lines.append(text))
+    for step in range(1, 4):
+        trainer.train_step()
+        metrics = {"tokens_per_s": 2e5} if step == 3 else {}
+        hook.after_step(trainer, metrics)
+    assert engine.stepped == 3
+    assert metrics["time_data_s"] >= 0.03
+    assert metrics["time_comm_s"] >= 0.01
+    assert 0.02 <= metrics["time_optimizer_s"] < metrics["time_data_s"] + 0.02 + 0.5
+    assert metrics["time_fwd_bwd_s"] >= 0.015 - 1e-3
+    assert metrics["mfu"] == pytest.approx(1000.0 * 2e5 / 1e9)
+    assert metrics["model_tflops"] == pytest.approx(2e8 / 1e12)
+    assert any("MFU 20.0%" in line for line in lines)
+
+
+def test_profiler_window_writes_a_trace(tmp_path):
+    run = SimpleNamespace(peak_flops=1e9, profile_steps=[2, 3], precision="fp32", run_dir=tmp_path)
+    layout = SimpleNamespace(device=torch.device("cpu"), world_size=1, rank=0, is_main=True)
+    trainer = SimpleNamespace(
+        cfg=SimpleNamespace(run=run),
+        layout=layout,
+        engine=FakeEngine(),
+        train_data=SimpleNamespace(next_step=lambda: []),
+        state=SimpleNamespace(step=0),
+    )
+
+    def train_step():
+        torch.ones(8, 8) @ torch.ones(8, 8)
+        trainer.state.step += 1
+
+    trainer.train_step = train_step
+    hook = PerfHook(trainer, 1.0, printer=lambda *a, **k: None)
+    for _ in range(4):
+        trainer.train_step()
+        hook.after_step(trainer, {})
+        if trainer.state.step == 1:
+            assert hook.profiler is not None  # started after step 1, before step 2
+    hook.at_end(trainer)
+    trace = tmp_path / "profile" / "trace_rank0.json"
+    assert trace.exists() and "aten::mm" in trace.read_text()
+
+
+def test_tp1_linear_is_megatrons_bitwise(world1):
+    """At TP=1 `column`/`row` run F.linear on the layer's weights: forward and gradients equal
+    megatron's own path bit for bit. Negative control: a transposed weight differs."""
+    from pretrain.models.layers import TensorParallel, column, column_linear, normal_init
+
+    tpc = TensorParallel.build(world1)
+    torch.manual_seed(0)
+    layer = column_linear(32, 48, True, normal_init(0.02), tpc)
+    with torch.no_grad():
+        layer.bias.normal_()
+    x = torch.randn(8, 3, 32, requires_grad=True)
+    ours = column(layer, x, tpc)
+    (g_ours,) = torch.autograd.grad(ours.square().sum(), x)
+    theirs, _ = layer(x)
+    (g_theirs,) = torch.autograd.grad(theirs.square().sum(), x)
+    assert torch.equal(ours, theirs) and torch.equal(g_ours, g_theirs)
+    wrong = F.linear(x, layer.weight.t().reshape(48, 32), layer.bias)
+    assert not torch.equal(wrong, theirs)
+
+
+def test_tp1_cross_entropy_matches_megatrons(world1):
+    """lm_loss at TP=1 (F.cross_entropy) against megatron's vocab-parallel kernel, the old path:
+    equal to float32 rounding. Negative control: shifted targets are far off."""
+    from megatron.core import tensor_parallel as tp
+
+    from pretrain.models.layers import TensorParallel, lm_loss
+
+    tpc = TensorParallel.build(world1)
+    torch.manual_seed(0)
+    logits_SBV = torch.randn(16, 4, 96) * 3
+    targets_BS = torch.randint(0, 96, (4, 16))
+    mask_BS = (torch.rand(4, 16) > 0.3).float()
+    for mask in (None, mask_BS):
+        ours = lm_loss(logits_SBV.clone(), targets_BS, mask, tpc)
+        per_SB = tp.vocab_parallel_cross_entropy(logits_SBV.clone(), targets_BS.t().contiguous())
+        m = torch.ones_like(per_SB) if mask is None else mask.t()
+        ref = (per_SB * m).sum() / m.sum()
+        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=0)
+        off = lm_loss(logits_SBV.clone(), (targets_BS + 1) % 96, mask, tpc)
+        assert (off - ref).abs() > 1e-2
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(world1):
+    """make(*overrides) -> (engine, layout): configs/tiny.yaml's GPT in a DeepSpeed engine."""
+    import os
+    from pathlib import Path
+
+    from megatron.core import parallel_state as ps
+
+    from pretrain.config import load_config
+    from pretrain.distributed import Layout, _quiet_cpu_deepspeed
+
+    _quiet_cpu_deepspeed()
+    import deepspeed
+
+    had = os.environ.get("LOCAL_RANK")
+    os.environ["LOCAL_RANK"] = "0"  # what torchrun sets; DeepSpeed's engine asks for it
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    layout = Layout(0, 1, 0, torch.device("cpu"), 0, 1, 0, 1, 0, 1, 1, world1,
+                    ps.get_data_parallel_group())  # fmt: skip
+    root = Path(__file__).resolve().parents[2]
+
+    def make(*overrides: str):
+        from pretrain.engine import build_engine, build_model_for
+
+        cfg = load_config(
+            root / "configs" / "tiny.yaml",
+            ["model.vocab_size=128", "model.n_layers=1", "optim.warmup_steps=0", *overrides],
+        )
+        torch.manual_seed(0)
+        return build_engine(cfg, layout, build_model_for(cfg, layout))[0], layout
+
+    yield make
+    if had is None:
+        os.environ.pop("LOCAL_RANK", None)
+    else:
+        os.environ["LOCAL_RANK"] = had
+
+
+@pytest.mark.slow
+def test_gradient_norm_once_changes_no_numbers(tiny_engine, monkeypatch):
+    """ZeRO-0 fp32 at DP=1 with clipping that bites: the trainer's step (one norm pass, clipping
+    before engine.step, no gradient all-reduce over the one rank) reports the same norms and
+    ends with bitwise the same weights as the old way (DeepSpeed's all-reduce, the norm by its
+    routine with an infinite limit, then its own clipping in the step), with one norm
+    computation per step instead of two. Negative control: without
+    clipping the weights differ, so the comparison sees the clipping."""
+    import deepspeed.runtime.engine as ds_engine
+    import deepspeed.runtime.utils as ds_utils
+
+    from pretrain.steps import DataParallelSteps
+
+    calls = []
+    real = ds_utils.clip_grad_norm_
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ds_utils, "clip_grad_norm_", counted)
+    monkeypatch.setattr(ds_engine, "clip_grad_norm_", counted)
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 128, (2, 33), generator=gen) for _ in range(3)]
+
+    def weights(engine):
+        return [p.detach().clone() for p in engine.module.parameters()]
+
+    new, layout = tiny_engine("parallel.zero_stage=0", "optim.grad_clip=0.05")
+    runner = DataParallelSteps(new, layout)
+    new_norms = []
+    for b in batches:
+        calls.clear()
+        new_norms.append(runner.train([{"tokens": b[:, :-1], "targets": b[:, 1:]}])[1])
+        assert len(calls) == 1
+    old, _ = tiny_engine("parallel.zero_stage=0", "optim.grad_clip=0.05")
+    # The old way also all-reduced the gradients over the one data-parallel rank.
+    assert not new.enable_backward_allreduce
+    old.enable_backward_allreduce = True
+    old_norms = []
+    for b in batches:
+        calls.clear()
+        old.backward(old(b[:, :-1], b[:, 1:]))
+        old_norms.append(float(real(old.module.parameters(), float("inf"), mpu=old.mpu)))
+        old.step()
+        assert len(calls) == 1  # DeepSpeed's own clipping (the inf pass called `real` direct)
+    assert new_norms == old_norms and min(new_norms) > 0.05  # every step clipped
+    assert all(torch.equal(a, b) for a, b in zip(weights(new), weights(old), strict=True))
+    free, _ = tiny_engine("parallel.zero_stage=0", "optim.grad_clip=0.0")
+    for b in batches:
+        free.backward(free(b[:, :-1], b[:, 1:]))
+        free.step()
+    assert not all(torch.equal(a, b) for a, b in zip(weights(free), weights(old), strict=True))
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("run.profile_steps=[3]", "run.profile_steps"),
+        ("run.profile_steps=[5,2]", "run.profile_steps"),
+        ("run.profile_steps=[0,2]", "run.profile_steps"),
+        ("run.peak_flops=0", "run.peak_flops"),
+    ],
+)
+def test_bad_perf_settings_are_refused_by_name(override, named):
+    from pathlib import Path
+
+    from pretrain.config import ConfigError, load_config
+
+    tiny = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config(tiny, [override])
+    assert load_config(tiny, ["run.profile_steps=[2,3]"]).run.profile_steps == [2, 3]
