@@ -212,6 +212,7 @@ def _some_override(section: str) -> str:
         "parallel": "micro_batch_size=3",
         "checkpoint": "keep_last=9",
         "tracking": "experiment=other",
+        "reliability": "spike_window=64",
     }[section]
 
 
@@ -254,6 +255,117 @@ def from_file(
 # Every _need of every section's validate() and of Config.validate(); the completeness test
 # below fails when validate() gains a check without a case here.
 VALIDATE_CASES = [
+    # performance reporting (docs/performance.md)
+    ov("run.peak_flops", ["run.peak_flops=0"], "run.peak_flops", 0.0, "FLOP/s > 0"),
+    ov(
+        "run.profile_steps",
+        ["run.profile_steps=[5,2]"],
+        "run.profile_steps",
+        [5, 2],
+        "1 <= first <= last",
+    ),
+    # attention patterns (docs/models.md)
+    ov(
+        "model.attention-family",
+        ["model.attention=longformer"],
+        "model.attention",
+        "longformer",
+        "sliding_window",
+    ),
+    ov(
+        "model.attention_window",
+        ["model.attention=sliding_window", "model.attention_window=0"],
+        "model.attention_window",
+        0,
+        "integer >= 1",
+    ),
+    ov(
+        "model.window_layers-range",
+        ["model.attention=sliding_window", "model.n_layers=2", "model.window_layers=[2]"],
+        "model.window_layers",
+        [2],
+        "block indices are 0..1",
+    ),
+    ov(
+        "model.window_layers-without-window",
+        ["model.window_layers=[0]"],
+        "model.window_layers",
+        [0],
+        "sliding_window",
+    ),
+    ov(
+        "model.global_positions",
+        ["model.family=bert", "model.seq_len=16", "model.global_positions=[16]"],
+        "model.global_positions",
+        [16],
+        "positions are 0..15",
+    ),
+    # warmup-stable-decay and sweeps (docs/scaling-laws.md)
+    ov(
+        "run.branch_from",
+        ["run.resume=never", "run.branch_from=runs/a/checkpoints/step_00000010"],
+        "run.branch_from",
+        "runs/a/checkpoints/step_00000010",
+        "run.resume=auto",
+    ),
+    ov("optim.cooldown_fraction", ["optim.cooldown_fraction=0"], "optim.cooldown_fraction", 0.0),
+    ov(
+        "optim.warmup_steps-wsd",
+        ["optim.schedule=wsd", "run.train_steps=20", "optim.warmup_steps=17"],
+        "optim.warmup_steps",
+        17,
+        "at most 16 steps",
+    ),
+    ov("tracking.tags", ["tracking.tags=[novalue]"], "tracking.tags[0]", "novalue", "KEY=VALUE"),
+    # model: mixture of experts (docs/moe.md)
+    ov("model.moe_experts-negative", ["model.moe_experts=-1"], "model.moe_experts", -1, ">= 2"),
+    ov("model.moe_experts-one", ["model.moe_experts=1"], "model.moe_experts", 1, "at least 2"),
+    ov(
+        "model.moe_experts-bert",
+        ["model.family=bert", "model.moe_experts=8"],
+        "model.moe_experts",
+        8,
+        "family gpt only",
+    ),
+    ov("model.moe_every", ["model.moe_experts=8", "model.moe_every=0"], "model.moe_every", 0),
+    ov("model.moe_top_k", ["model.moe_experts=8", "model.moe_top_k=3"], "model.moe_top_k", 3),
+    ov(
+        "model.moe_capacity_factor",
+        ["model.moe_experts=8", "model.moe_capacity_factor=0"],
+        "model.moe_capacity_factor",
+        0.0,
+        "> 0",
+    ),
+    ov(
+        "model.moe_min_capacity",
+        ["model.moe_experts=8", "model.moe_min_capacity=-1"],
+        "model.moe_min_capacity",
+        -1,
+    ),
+    ov("model.moe_jitter", ["model.moe_experts=8", "model.moe_jitter=1"], "model.moe_jitter", 1.0),
+    ov(
+        "model.moe_aux_loss_weight",
+        ["model.moe_experts=8", "model.moe_aux_loss_weight=-1"],
+        "model.moe_aux_loss_weight",
+        -1.0,
+    ),
+    ov("parallel.ep-zero", ["parallel.ep=0"], "parallel.ep", 0, ">= 1"),
+    ov("parallel.ep-dense", ["parallel.ep=2"], "parallel.ep", 2, "moe_experts > 0"),
+    ov(
+        "parallel.ep-experts",
+        ["model.moe_experts=8", "parallel.ep=3"],
+        "parallel.ep",
+        3,
+        "must divide by ep",
+    ),
+    ov("moe-with-pp", ["model.moe_experts=8", "parallel.pp=2"], "parallel.pp", 2, "pipeline"),
+    ov(
+        "model.moe_min_capacity-tokens",
+        ["model.moe_experts=8", "model.moe_min_capacity=5000"],
+        "model.moe_min_capacity",
+        5000,
+        "tokens of a micro-batch",
+    ),
     # run
     ov("run.name-empty", ["run.name="], "run.name", "", "non-empty"),
     ov("run.name-slash", ["run.name=a/b"], "run.name", "a/b", "without '/'"),
@@ -440,6 +552,27 @@ VALIDATE_CASES = [
     ),
     # tracking
     ov("tracking.experiment", ["tracking.experiment="], "tracking.experiment", "", "non-empty"),
+    ov(
+        "tracking.flush_timeout",
+        ["tracking.flush_timeout=-1"],
+        "tracking.flush_timeout",
+        -1.0,
+        ">= 0",
+    ),
+    ov("reliability.max_consecutive_skips", ["reliability.max_consecutive_skips=0"],
+       "reliability.max_consecutive_skips", 0, ">= 1"),
+    ov("reliability.spike_sigma", ["reliability.spike_sigma=0"], "reliability.spike_sigma",
+       0.0, "> 0"),
+    ov("reliability.spike_window", ["reliability.spike_window=1"], "reliability.spike_window",
+       1, ">= 2"),
+    ov("reliability.collective_timeout_s", ["reliability.collective_timeout_s=0"],
+       "reliability.collective_timeout_s", 0.0, "positive number of seconds"),
+    ov("reliability.startup_timeout_s", ["reliability.startup_timeout_s=-1"],
+       "reliability.startup_timeout_s", -1.0, "positive number of seconds"),
+    ov("reliability.step_timeout_s", ["reliability.step_timeout_s=0"],
+       "reliability.step_timeout_s", 0.0, "or null"),
+    ov("reliability.inject", ["reliability.inject=[boom@3]"], "reliability.inject[0]",
+       "boom@3", "KIND@STEP"),
     # cross-section (Config.validate)
     ov(
         "warmup-exceeds-train_steps",
@@ -766,8 +899,10 @@ def _raising_need_line(err: ConfigError) -> int | None:
 LAYOUT_ERROR_CALLS = [
     lambda: ParallelConfig(tp=4).layout(6),
     lambda: ParallelConfig(dp=3).layout(4),
+    lambda: ParallelConfig(ep=2).layout(3),
     lambda: ParallelConfig(micro_batch_size=8, global_batch_size=40).layout(2),
     lambda: resolve_vocab(load_config(None, ["model.vocab_size=100"]), 300),
+    lambda: resolve_vocab(load_config(None, ["model.tokenizer_vocab=200"]), 300),
 ]
 
 
