@@ -41,9 +41,17 @@ def torchrun(
     return proc
 
 
-def launch(tmp: Path, name: str, config: str, *overrides: str, nproc: int = 2) -> list[dict]:
-    """Train `config` with `overrides` as run `name` under tmp/runs; one record per rank."""
+def launch(
+    tmp: Path,
+    name: str,
+    config: str,
+    *overrides: str,
+    nproc: int = 2,
+    env: dict[str, str] | None = None,
+) -> list[dict]:
+    """Train `config` with `overrides` as run `name` under tmp/runs; one record per rank. `env`
+    reaches the worker (tests/distributed/worker.py reads its fault switches from it)."""
     out = tmp / f"{name}.json"
     args = [str(out), str(ROOT / config), f"run.output_dir={tmp / 'runs'}", f"run.name={name}"]
-    torchrun(WORKER, [*args, *overrides], nproc, tmp / f"{name}.log")
+    torchrun(WORKER, [*args, *overrides], nproc, tmp / f"{name}.log", env=env)
     return json.loads(out.read_text())

@@ -110,6 +110,14 @@ class LayoutBatches:
             self.first_step_tokens = [scored_tokens(b) for b in micro]
         return micro
 
+    # The rest of the loader protocol (pretrain.trainer.Batches): the trainer snapshots the
+    # position before each step so that a skipped or stopped step can rewind it.
+    def state_dict(self) -> dict[str, int]:
+        return {"consumed": self.step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step = int(state["consumed"])
+
 
 # --- taking the step-1 gradients ------------------------------------------------------------
 
@@ -129,16 +137,20 @@ class BoundaryGradTap:
             batch.pop("loss_tokens")  # the model then returns its own micro-batch's mean
         return self._engine(**batch)
 
-    def step(self) -> None:
+    def capture(self) -> None:
         from deepspeed.utils import safe_get_full_grad
 
         engine = self._engine
-        boundary = engine.is_gradient_accumulation_boundary()
-        if boundary and self.grads is None:
+        if engine.is_gradient_accumulation_boundary() and self.grads is None:
             self.grads = {
                 n: safe_get_full_grad(p).detach().clone()
                 for n, p in engine.module.named_parameters()
             }
+
+    def step(self) -> None:
+        engine = self._engine
+        boundary = engine.is_gradient_accumulation_boundary()
+        self.capture()  # unless grad_norm_now took them first (below)
         if not boundary and self.control == "drop_micro":
             for p in engine.module.parameters():  # ZeRO-0 accumulates in p.grad
                 p.grad.zero_()
@@ -146,6 +158,21 @@ class BoundaryGradTap:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
+
+
+def _tap_before_clipping() -> None:
+    """At ZeRO-0 fp32 the trainer clips the gradients itself (pretrain.engine.grad_norm_now,
+    before engine.step): take them there, before clipping, as the pipeline path does."""
+    import pretrain.engine as E
+
+    norm_now = E.grad_norm_now
+
+    def grad_norm_now(engine: Any) -> float:
+        if isinstance(engine, BoundaryGradTap):
+            engine.capture()
+        return norm_now(engine)
+
+    E.grad_norm_now = grad_norm_now
 
 
 # --- full tensors under one-process names ---------------------------------------------------
@@ -360,6 +387,7 @@ def main() -> None:
     out_dir, names = Path(sys.argv[1]), sys.argv[2:]
     # A hung collective shows where it hangs: `kill -USR1 <pid>` prints every thread's stack.
     faulthandler.register(signal.SIGUSR1)
+    _tap_before_clipping()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     layout = None
     for name in names:

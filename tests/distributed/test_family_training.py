@@ -1,10 +1,10 @@
 """BERT and T5 through the real trainer: two data-parallel processes on gloo, batches from the
 real masked-LM and span-corruption objectives of the stdlib dataset.
 
-Per family three launches: `straight` (20 steps), `first` (stops after 10, as a preempted job)
-and `resumed` (run.resume=auto in new processes). The objectives draw their masks and spans
-from (seed, global sequence index), so an exact resume depends on the data position being
-restored as much as for GPT (tests/distributed/test_training.py holds that negative control).
+Per family four launches: `straight` (20 steps), `first` (stops after 10, as a preempted job),
+`resumed` (run.resume=auto in new processes) and `no_data` (the negative control: one step from
+first's checkpoint without its data position). The objectives draw their masks and spans from
+(seed, global sequence index), so an exact resume depends on the data position being restored.
 """
 
 from __future__ import annotations
@@ -37,6 +37,15 @@ def runs(tmp_path_factory, small_dataset):
         out[fam, "straight"] = launching.launch(tmp, f"{fam}_straight", *args)
         out[fam, "first"] = launching.launch(tmp, f"{fam}_split", *args, "run.exit_after_steps=10")
         out[fam, "resumed"] = launching.launch(tmp, f"{fam}_split", *args, "run.resume=auto")
+        ckpt10 = tmp / "runs" / f"{fam}_split" / "checkpoints" / "step_00000010"
+        out[fam, "no_data"] = launching.launch(
+            tmp,
+            f"{fam}_no_data",
+            *args,
+            f"run.resume={ckpt10}",
+            "checkpoint.exclude_from_loading=[data]",
+            "run.exit_after_steps=1",  # one step of this launch: step 11
+        )
     return out
 
 
@@ -60,3 +69,12 @@ def test_family_resume_is_bitwise_identical(runs, family):
     assert first["losses"] == straight["losses"][:10]
     assert resumed["losses"] == straight["losses"][10:]
     assert resumed["digest"] == straight["digest"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_resume_without_data_position_differs(runs, family):
+    """Negative control: the same checkpoint resumed without its data position starts the
+    data (and so the masks or spans drawn from the sequence index) over: step 11 differs."""
+    straight, no_data = runs[family, "straight"][0], runs[family, "no_data"][0]
+    assert no_data["step"] == 11 and len(no_data["losses"]) == 1
+    assert no_data["losses"][0] != straight["losses"][10]

@@ -64,12 +64,51 @@ def test_zero3_partitions_over_the_data_parallel_group(construction):
     assert not all(r["world_group_equal"] for r in r4)
 
 
-def test_bf16_accumulates_and_reduces_in_fp32(tmp_path):
+@pytest.fixture(scope="module")
+def accumulation(tmp_path_factory):
+    return run_worker(tmp_path_factory.mktemp("accumulate"), "accumulate", 2, "accumulate")
+
+
+# bf16 keeps 8 significant bits: a value is rounded by up to u = 2^-8 of itself.
+BF16_U = 2.0**-8
+
+
+def check_bf16_training(training: dict) -> None:
+    """The run's bf16 engine (ZeRO-1, fp32 master weights) trained BF16_STEPS steps against the
+    same run in fp32, both measured on one held-out batch (zero_worker.trained_losses).
+
+    Tolerance from bf16's precision: before training the two models hold the same weights, one
+    rounded, so their losses differ by at most one rounding (u). Each step then rounds the
+    weights and activations once more, and these errors add at most linearly, so after N steps
+    the losses agree within N * u (relative). The negative control is the same bf16 run one
+    step short: it must fall outside that band, or the band could not see a step go wrong."""
+    fp32, bf16 = training["fp32"], training["bf16"]
+    n = max(int(k) for k in fp32 if k.isdigit())
+    assert bf16["bf16"] and bf16["param_dtype"] == "torch.bfloat16", bf16
+    assert not fp32["bf16"] and fp32["param_dtype"] == "torch.float32", fp32
+    # Training happened: far below the near-uniform model's log V (about 6.24 for V = 512).
+    assert fp32[str(n)] < fp32["start"] / 2, fp32
+    print(f"bf16 vs fp32 after {n} steps: {bf16[str(n)]:.4f} vs {fp32[str(n)]:.4f}")
+    assert abs(bf16["start"] - fp32["start"]) <= BF16_U * fp32["start"]
+    assert abs(bf16[str(n)] - fp32[str(n)]) <= n * BF16_U * fp32[str(n)]
+    assert abs(bf16[str(n - 1)] - fp32[str(n)]) > n * BF16_U * fp32[str(n)]  # control
+
+
+def test_bf16_engine_trains_like_fp32(accumulation):
+    check_bf16_training(accumulation[0]["training"])
+
+
+@pytest.mark.gpu
+def test_bf16_engine_trains_like_fp32_on_cuda(tmp_path):
+    """The same check on a GPU (one process, ZeRO-1 over NCCL)."""
+    check_bf16_training(run_worker(tmp_path, "bf16", 1, "bf16train", "cuda")[0]["training"])
+
+
+def test_bf16_accumulates_and_reduces_in_fp32(accumulation):
     """8 accumulated micro-batches of a bf16 model at DP=2: the gradient DeepSpeed hands the
     optimizer is closer to the fp32 run's with fp32 accumulation and reduction (our config)
     than with bf16 ones (DeepSpeed's defaults: the negative control)."""
-    ranks = run_worker(tmp_path, "accumulate", 2, "accumulate")
-    stages = ranks[0]["stages"]
+    stages = accumulation[0]["stages"]
     for stage, s in stages.items():
         fp32, bf16 = s["fp32_accumulation_error"], s["bf16_accumulation_error"]
         print(

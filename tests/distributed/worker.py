@@ -6,6 +6,7 @@ usage: torchrun ... tests/distributed/worker.py OUT.json CONFIG [overrides...]
 
 import hashlib
 import json
+import os
 import sys
 
 import torch
@@ -24,10 +25,52 @@ def weights_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def record_first_update(out: str) -> None:
+    """Save what the optimizer did to the weights in this launch's first step (rank 0, to
+    OUT.update.pt): the weights after it minus the weights before, every parameter flattened
+    in name order. Observed on the weights, not on the scheduler's bookkeeping."""
+    from pretrain.trainer import Trainer
+
+    step = Trainer.train_step
+
+    def flat(trainer) -> torch.Tensor:
+        params = sorted(trainer.engine.module.named_parameters())
+        return torch.cat([p.detach().float().flatten().clone() for _, p in params])
+
+    def first(trainer):
+        before = flat(trainer)
+        metrics = step(trainer)
+        if trainer.layout.is_main:
+            torch.save(flat(trainer) - before, f"{out}.update.pt")
+        Trainer.train_step = step
+        return metrics
+
+    Trainer.train_step = first
+
+
+def drop_first_micro_batch_gradient() -> None:
+    """Fault for negative controls (DROP_MICRO_BATCH_GRADIENT=1): rank 0's first micro-batch
+    contributes no gradient (its loss is still reported), as a broken accumulation would."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    backward = DeepSpeedEngine.backward
+
+    def dropped(self, loss, *args, **kwargs):
+        DeepSpeedEngine.backward = backward
+        if dist.get_rank() == 0:
+            loss = loss * 0.0
+        return backward(self, loss, *args, **kwargs)
+
+    DeepSpeedEngine.backward = dropped
+
+
 def main() -> None:
     out, argv = sys.argv[1], sys.argv[2:]
     cfg, info, resume_from = prepare(argv)
     layout = distributed.setup(cfg)
+    record_first_update(out)
+    if os.environ.get("DROP_MICRO_BATCH_GRADIENT") == "1":
+        drop_first_micro_batch_gradient()
     try:
         trainer = run(cfg, info, resume_from, layout)
     except CheckpointError as e:  # as pretrain.train.main reports it: one line, exit status 2

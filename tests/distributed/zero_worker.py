@@ -228,9 +228,68 @@ def accumulated_grad(stage: int, precision: str, bf16_accumulation: bool, layout
     return record
 
 
+BF16_STEPS = 12  # steps of the bf16-against-fp32 training check
+CYCLE = torch.arange(16) * 29 + 7
+
+
+def trained_losses(precision: str, layout, *overrides: str) -> dict:
+    """Train the run's engine (ZeRO-1) for BF16_STEPS steps on a learnable synthetic language
+    (sequences walk a fixed cycle of 16 of the 512 tokens from a random start) and measure the
+    loss on one fixed held-out batch before training and after the last two steps."""
+    cfg = config(
+        "parallel.zero_stage=1",
+        f"run.precision={precision}",
+        "parallel.micro_batch_size=4",
+        f"parallel.global_batch_size={4 * layout.dp_size}",
+        f"run.train_steps={BF16_STEPS}",
+        "optim.warmup_steps=2",
+        "optim.lr=1e-2",
+        "optim.min_lr=1e-2",
+        *overrides,
+    )
+    distributed.seed_all(cfg.run.seed)
+    engine, _ = build_engine(cfg, layout, build_model_for(cfg, layout))
+
+    def batch(g: torch.Generator) -> torch.Tensor:
+        start = torch.randint(0, len(CYCLE), (4, 1), generator=g)
+        return CYCLE[(start + torch.arange(33)) % len(CYCLE)].to(layout.device)
+
+    held_out = batch(torch.Generator().manual_seed(999))
+
+    def eval_loss() -> float:
+        engine.eval()
+        with torch.no_grad():
+            loss = engine(tokens=held_out[:, :-1], targets=held_out[:, 1:]).float().item()
+        engine.train()
+        return loss
+
+    g = torch.Generator().manual_seed(200 + layout.dp_rank)
+    losses = {"start": eval_loss()}
+    for step in range(1, BF16_STEPS + 1):
+        t = batch(g)
+        engine.backward(engine(tokens=t[:, :-1], targets=t[:, 1:]))
+        engine.step()
+        if step >= BF16_STEPS - 1:
+            losses[step] = eval_loss()
+    losses["bf16"] = bool(engine.bfloat16_enabled())
+    losses["param_dtype"] = str(next(engine.module.parameters()).dtype)
+    engine.destroy()
+    return losses
+
+
+def bf16_training(layout) -> dict:
+    return {"fp32": trained_losses("fp32", layout), "bf16": trained_losses("bf16", layout)}
+
+
+def bf16_train(out: str, device: str) -> None:
+    layout = distributed.setup(config("parallel.zero_stage=1", f"run.device={device}"))
+    record = {"rank": layout.rank, "training": bf16_training(layout)}
+    write_records(out, record, layout)
+
+
 def accumulate(out: str) -> None:
     layout = distributed.setup(config("parallel.zero_stage=1"))
-    record = {"rank": layout.rank, "stages": {}}
+    record = {"rank": layout.rank, "stages": {}, "training": bf16_training(layout)}
     for stage in (1, 2, 3):
         _, ref = accumulated_grad(stage, "fp32", False, layout)
         opt32, fp32_acc = accumulated_grad(stage, "bf16", False, layout)
@@ -253,5 +312,7 @@ if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     if mode == "construct":
         construct(out, int(sys.argv[3]))
+    elif mode == "bf16train":
+        bf16_train(out, sys.argv[3])
     else:
         accumulate(out)

@@ -189,28 +189,43 @@ def test_state_dict_names_are_stable(world1):
 # --- merging tensor-parallel checkpoint shards (pretrain-generate) -----------------------------
 
 
-def split_like_megatron(state: dict, tp: int, model) -> list[dict]:
-    """TP shards of a TP=1 state dict: rank r takes the r-th block along each parameter's
-    partition dimension (megatron's contiguous split)."""
-    params = dict(model.named_parameters())
-    shards = [{} for _ in range(tp)]
-    for key, value in state.items():
-        p = params.get(key)
-        for r in range(tp):
-            if p is not None and getattr(p, "tensor_model_parallel", False):
-                shards[r][key] = value.chunk(tp, dim=p.partition_dim)[r].clone()
-            else:
-                shards[r][key] = value
+class TPRank:
+    """A tensor-parallel group of `size` seen from rank `rank`: enough for megatron-core's layers
+    to build that rank's shard of every weight (they ask the group its rank and size), never
+    enough to run a collective."""
+
+    def __init__(self, rank: int, size: int):
+        self._rank, self._size = rank, size
+
+    def rank(self) -> int:
+        return self._rank
+
+    def size(self) -> int:
+        return self._size
+
+
+def megatron_shards(monkeypatch, cfg: ModelConfig, tp: int) -> list[dict]:
+    """Each TP rank's state dict as megatron-core's layers lay it out: the model built from the
+    same seed as rank r of a TP group, so megatron splits every weight itself."""
+    import torch.distributed as dist
+
+    shards = []
+    for r in range(tp):
+        monkeypatch.setattr(dist, "get_rank", lambda group=None, r=r: r)
+        torch.manual_seed(0)
+        shards.append(GPT(cfg, TPRank(r, tp), tp).state_dict())
+    monkeypatch.undo()
     return shards
 
 
-def test_merge_tp_shards_restores_the_full_model(world1):
+def test_merge_tp_shards_restores_the_full_model(world1, monkeypatch):
     from pretrain.errors import CheckpointError
     from pretrain.generate_cli import merge_tp_shards
 
     model = make(world1, **LLAMA, tie_embeddings=False)
     full = model.state_dict()
-    shards = split_like_megatron(full, 2, model)
+    cfg = dataclasses.replace(BASE, **LLAMA, tie_embeddings=False)
+    shards = megatron_shards(monkeypatch, cfg, 2)
     assert (
         shards[0]["blocks.0.attn.qkv.weight"].shape[0] * 2
         == full["blocks.0.attn.qkv.weight"].shape[0]
@@ -219,9 +234,16 @@ def test_merge_tp_shards_restores_the_full_model(world1):
     for key, value in full.items():
         if value is not None:
             assert torch.equal(merged[key], value), key
-    # Negative control: shards in the wrong order give other weights.
+    # Negative control: shards merged in the wrong order load (every shape fits) but are
+    # another model, whose output differs.
     swapped = merge_tp_shards(shards[::-1], full)
-    assert not torch.equal(swapped["blocks.0.attn.qkv.weight"], full["blocks.0.attn.qkv.weight"])
+    t = tokens()
+    with torch.no_grad():
+        want = model(tokens=t)
+        model.load_state_dict(swapped)
+        assert not torch.allclose(model(tokens=t), want)
+        model.load_state_dict(merged)
+        assert torch.equal(model(tokens=t), want)
     # Shards that do not fit the config are refused with the key named.
     bad = [dict(s, **{"blocks.0.mlp.up.weight": s["blocks.0.mlp.up.weight"][:3]}) for s in shards]
     with pytest.raises(CheckpointError, match="blocks.0.mlp.up.weight"):
