@@ -103,11 +103,14 @@ def generate_seq2seq(
 def caches_kv(model: nn.Module) -> bool:
     """Whether the cached steps below can run `model`: a whole GPT or T5 on this rank's
     tensor-parallel shard, without sequence parallelism (whose shards of one token do not
-    exist); pipeline stages and other wrappers recompute instead."""
+    exist) and not partitioned by ZeRO-3 (whose weights only the model's own forward gathers);
+    pipeline stages and other wrappers recompute instead."""
     from pretrain.models.gpt import GPT
     from pretrain.models.t5 import T5
 
-    return isinstance(model, GPT | T5) and not model.tpc.sequence_parallel
+    if not isinstance(model, GPT | T5) or model.tpc.sequence_parallel:
+        return False
+    return not any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 def new_caches(blocks: nn.ModuleList) -> list:

@@ -46,7 +46,8 @@ def train(tmp: Path, data: str, name: str, *overrides: str) -> str:
     ]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout.split("sample:\n", 1)[1].rstrip("\n")
+    # The sample ends where the run's closing "wall time ..." line begins.
+    return proc.stdout.split("sample:\n", 1)[1].split("\nwall time ", 1)[0].rstrip("\n")
 
 
 def generate(path: Path, *args: str) -> subprocess.CompletedProcess:
