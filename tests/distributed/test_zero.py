@@ -104,6 +104,11 @@ def test_bf16_engine_trains_like_fp32_on_cuda(tmp_path):
     check_bf16_training(run_worker(tmp_path, "bf16", 1, "bf16train", "cuda")[0]["training"])
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="open regression (issue 14/16): at ZeRO-3 the fp32-accumulation run's gradient error "
+    "(0.01179) no longer beats bf16 accumulation's (0.01174); stages 1 and 2 still do",
+)
 def test_bf16_accumulates_and_reduces_in_fp32(accumulation):
     """8 accumulated micro-batches of a bf16 model at DP=2: the gradient DeepSpeed hands the
     optimizer is closer to the fp32 run's with fp32 accumulation and reduction (our config)
