@@ -51,7 +51,7 @@ def build(model_yaml: str | None, tmp: Path, quick: bool):
     overrides = [
         f"run.output_dir={tmp}",
         "run.name=ckpt_io",
-        "model.vocab_size=50304",
+        f"model.vocab_size={512 if quick else 50304}",
         "model.seq_len=64",
         "model.dropout=0.0",
         "parallel.micro_batch_size=1",
@@ -61,7 +61,6 @@ def build(model_yaml: str | None, tmp: Path, quick: bool):
     ]
     if quick:
         overrides += ["model.n_layers=2", "model.d_model=64", "model.n_heads=4"]
-        overrides[2] = "model.vocab_size=512"
     cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), overrides)
     if model_yaml and not quick:
         import yaml

@@ -88,3 +88,25 @@ def test_dp_io_counts_bytes(small_dataset, capsys):
     assert ratio > 0
     assert dp_io.bytes_read(small_dataset, 1, 2, 32, 2) > 0
     assert "ratio DP=4 / DP=1" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_checkpoint_io_quick(tmp_path):
+    """benchmarks/checkpoint_io.py end to end on a tiny model: our save, load and consolidation
+    against torch.save/load, one table row each (no timing asserted)."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks/checkpoint_io.py"),
+            "--quick",
+            "--dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| save |" in proc.stdout and "| load |" in proc.stdout
+    assert "Consolidation for resharding" in proc.stdout
+    assert list(tmp_path.iterdir()) == []  # its temporary checkpoints are removed
