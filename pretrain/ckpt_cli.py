@@ -17,9 +17,7 @@ import argparse
 import json
 import sys
 
-from data_pipeline.errors import DataError
-from pretrain.config import ConfigError
-from pretrain.errors import CheckpointError
+from pretrain.errors import run_cli
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,14 +53,7 @@ def run(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        text = run(args)
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(text)
-    return 0
+    return run_cli(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from typing import Any
 
 from data_pipeline.errors import DataError
 from pretrain.config import Config, ConfigError, from_dict, load_config
-from pretrain.errors import CheckpointError
+from pretrain.errors import CheckpointError, run_cli
 
 MODEL_STATES = "mp_rank_{:02d}_model_states.pt"
 
@@ -287,14 +287,7 @@ def run(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        text = run(args)
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(text)
-    return 0
+    return run_cli(parse_args, run, argv)
 
 
 if __name__ == "__main__":
