@@ -37,7 +37,14 @@ def record_first_update(out: str) -> None:
         params = sorted(trainer.engine.module.named_parameters())
         return torch.cat([p.detach().float().flatten().clone() for _, p in params])
 
+    recorded = []
+
     def first(trainer):
+        # Once per launch: the perf hook wraps the bound method at start-up and keeps calling
+        # this wrapper, so restoring the class attribute alone would record every step.
+        if recorded:
+            return step(trainer)
+        recorded.append(True)
         before = flat(trainer)
         metrics = step(trainer)
         if trainer.layout.is_main:

@@ -9,13 +9,15 @@ construct: builds a small GPT (tied embedding and head, learned positions) plain
   the plain build. Negative controls: the plain build's tracked peak; at TP=2 a zero.Init that
   partitions over the world instead of the DP group; under bf16, DeepSpeed's default zero.Init
   (constructors patched to bf16) against ours.
-accumulate: for ZeRO stages 1-3 at DP=2, the full gradient after 8 accumulated micro-batches in
-  fp32, in bf16 with the run's DeepSpeed config (fp32 accumulation and reduction), and in bf16
-  with the DeepSpeed dtypes set back to bf16 (the negative control).
+accumulate: for ZeRO stages 1-3 at DP=2, the full gradient of a bf16 model after 8 accumulated
+  micro-batches, with the run's DeepSpeed config (fp32 accumulation and reduction) and with the
+  DeepSpeed dtypes set back to bf16 (the negative control), each against the exact fp64 sum of
+  the micro-batch gradients that autograd produced.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import weakref
@@ -184,12 +186,22 @@ def full_grads(engine) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def accumulated_grad(stage: int, precision: str, bf16_accumulation: bool, layout) -> torch.Tensor:
-    """The gradient of one optimizer step of 8 micro-batches of 2 sequences per rank."""
+def accumulated_grad(
+    stage: int, precision: str, bf16_accumulation: bool, layout
+) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """The gradient of one optimizer step of 8 micro-batches of 2 sequences per rank, as
+    DeepSpeed hands it to the optimizer, and its exact value: the gradients autograd produced
+    for each micro-batch on each rank (seen by tensor hooks, before DeepSpeed accumulates
+    them), summed in fp64 and averaged over the data-parallel ranks in fp64. The difference
+    is what accumulation and reduction rounded away, and nothing else (bf16 compute is in
+    both)."""
     import deepspeed
 
     from pretrain.optim import build_scheduler, param_groups
 
+    # The process's layout was made for another batch; DeepSpeed takes its accumulation count
+    # from the layout (with 1, every micro-batch would be an optimizer step of its own).
+    layout = dataclasses.replace(layout, grad_accum=8)
     cfg = config(
         f"parallel.zero_stage={stage}",
         f"run.precision={precision}",
@@ -213,6 +225,16 @@ def accumulated_grad(stage: int, precision: str, bf16_accumulation: bool, layout
         )
     else:
         engine, _ = build_engine(cfg, layout, model)
+    exact = {name: None for name, _ in engine.module.named_parameters()}
+
+    def keep(name: str):
+        def hook(grad: torch.Tensor) -> None:
+            g64 = grad.detach().double()
+            exact[name] = g64 if exact[name] is None else exact[name] + g64
+
+        return hook
+
+    handles = [p.register_hook(keep(n)) for n, p in engine.module.named_parameters()]
     g = torch.Generator().manual_seed(100 + layout.dp_rank)
     for i in range(8):
         t = torch.randint(0, 512, (2, 33), generator=g)
@@ -220,10 +242,15 @@ def accumulated_grad(stage: int, precision: str, bf16_accumulation: bool, layout
         engine.backward(loss)
         if i < 7:
             engine.step()  # not a boundary: DeepSpeed only counts the micro-step
-    assert engine.is_gradient_accumulation_boundary()
+    assert engine.gradient_accumulation_steps() == 8 and engine.is_gradient_accumulation_boundary()
     grad = full_grads(engine)
     engine.step()
-    record = (type(engine.optimizer).__name__, grad)
+    for h in handles:
+        h.remove()
+    reference = torch.cat([exact[name].flatten() for name in sorted(exact)])
+    torch.distributed.all_reduce(reference, group=layout.dp_group)
+    reference /= layout.dp_size
+    record = (type(engine.optimizer).__name__, grad, reference)
     engine.destroy()
     return record
 
@@ -291,17 +318,15 @@ def accumulate(out: str) -> None:
     layout = distributed.setup(config("parallel.zero_stage=1"))
     record: dict = {"rank": layout.rank, "stages": {}}
     for stage in (1, 2, 3):
-        _, ref = accumulated_grad(stage, "fp32", False, layout)
-        opt32, fp32_acc = accumulated_grad(stage, "bf16", False, layout)
-        opt16, bf16_acc = accumulated_grad(stage, "bf16", True, layout)
+        opt32, fp32_acc, fp32_exact = accumulated_grad(stage, "bf16", False, layout)
+        opt16, bf16_acc, bf16_exact = accumulated_grad(stage, "bf16", True, layout)
 
         def error(g: torch.Tensor, reference: torch.Tensor) -> float:
-            reference = reference.double()
             return ((g.double() - reference).norm() / reference.norm()).item()
 
         record["stages"][stage] = {
-            "fp32_accumulation_error": error(fp32_acc, ref),
-            "bf16_accumulation_error": error(bf16_acc, ref),
+            "fp32_accumulation_error": error(fp32_acc, fp32_exact),
+            "bf16_accumulation_error": error(bf16_acc, bf16_exact),
             "optimizer_fp32_accumulation": opt32,
             "optimizer_bf16_accumulation": opt16,
         }
