@@ -84,6 +84,11 @@ class RunConfig:
         "Peak FLOP/s of one device for MFU (null: from the table in pretrain/perf.py for the "
         "detected GPU and precision, or an estimate for CPU threads).",
     )
+    compile: bool = _f(
+        False,
+        "torch.compile every transformer block (the first step compiles: tens of seconds on "
+        "CPU; later steps run the compiled kernels). Not with ZeRO-3 or mixture of experts.",
+    )
     profile_steps: list[int] = _f(
         [],
         "[a, b]: record a torch.profiler trace of steps a..b into the run directory "
@@ -216,7 +221,8 @@ class ModelConfig:
     )
     moe_experts: int = _f(
         0,
-        "Experts per mixture-of-experts layer (0: a dense model). docs/moe.md; GPT only.",
+        "Experts per mixture-of-experts layer (0: a dense model). docs/moe.md; GPT and BERT "
+        "blocks, T5 encoder blocks.",
     )
     moe_every: int = _f(
         2, "Every N-th block is MoE: blocks N-1, 2N-1, ... (2: every other block, as Switch)."
@@ -333,13 +339,6 @@ class ModelConfig:
             "model.moe_experts",
             self.moe_experts,
             "a mixture needs at least 2 experts; use 0 for a dense model",
-        )
-        _need(
-            self.family == "gpt",
-            "model.moe_experts",
-            self.moe_experts,
-            f"mixture-of-experts layers are built for family gpt only, not {self.family!r}; "
-            f"set model.moe_experts=0",
         )
         _need(
             1 <= self.moe_every <= self.n_layers,
@@ -514,6 +513,13 @@ class OptimConfig:
     beta2: float = _f(0.95, "AdamW beta2.")
     eps: float = _f(1e-8, "AdamW epsilon.")
     grad_clip: float = _f(1.0, "Clip the global gradient norm to this (0: no clipping).")
+    implementation: Literal["default", "foreach", "fused"] = _f(
+        "default",
+        "torch AdamW's kernel: 'default' lets torch choose (one tensor at a time on CPU, "
+        "foreach on GPU), 'foreach' batches the tensors of a group, 'fused' runs the whole "
+        "update in one kernel per group (CPU and GPU). Same math, rounding may differ "
+        "(docs/performance.md).",
+    )
 
     def validate(self) -> None:
         _need(self.lr > 0, "optim.lr", self.lr, "use a positive learning rate")
@@ -836,11 +842,26 @@ class Config:
         self._validate_tensor_parallel()
         self._validate_pipeline()
         self._validate_experts()
+        self._validate_compile()
         return self
 
+    def _validate_compile(self) -> None:
+        """Untested combinations are refused rather than left to fail inside a trace:
+        ZeRO-3's gather hooks and DeepSpeed's MoE all-to-all run inside the blocks."""
+        if not self.run.compile:
+            return
+        for ok, key, value, why in (
+            (self.parallel.zero_stage != 3, "parallel.zero_stage", self.parallel.zero_stage,
+             "ZeRO-3 gathers each block's weights in hooks around it"),
+            (not self.model.moe_experts, "model.moe_experts", self.model.moe_experts,
+             "the experts' all-to-all runs inside the block"),
+        ):  # fmt: skip
+            _need(ok, key, value, f"run.compile=true is not supported here ({why}); set "
+                  "run.compile=false or change this value")  # fmt: skip
+
     def _validate_experts(self) -> None:
-        """What mixture-of-experts layers compose with (docs/moe.md): data and expert
-        parallelism, ZeRO 0-2; not (yet) pipeline, tensor or sequence parallelism, ZeRO-3."""
+        """What mixture-of-experts layers compose with (docs/moe.md): data, expert, tensor and
+        sequence parallelism, ZeRO 0-2; not (yet) pipeline parallelism or ZeRO-3."""
         m, p = self.model, self.parallel
         _need(p.ep >= 1, "parallel.ep", p.ep, "use an integer >= 1")
         if m.moe_experts == 0:
@@ -855,7 +876,6 @@ class Config:
         )
         for name, value, ok, why in (
             ("pp", p.pp, p.pp == 1, "MoE layers are not built into pipeline stages"),
-            ("tp", p.tp, p.tp == 1, "DeepSpeed's expert groups ignore megatron's TP layout"),
             ("zero_stage", p.zero_stage, p.zero_stage <= 2, "DeepSpeed's MoE refuses ZeRO-3"),
         ):
             _need(
@@ -863,7 +883,7 @@ class Config:
                 f"parallel.{name}",
                 value,
                 f"not supported with mixture of experts (model.moe_experts={m.moe_experts}): "
-                f"{why}; use data and expert parallelism (parallel.ep) with ZeRO 0-2",
+                f"{why}; use data, expert and tensor parallelism with ZeRO 0-2",
             )
         tokens = p.micro_batch_size * m.seq_len
         _need(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from pretrain.config import Config
@@ -32,6 +33,9 @@ def deepspeed_config(cfg: Config, layout: Layout) -> dict[str, Any]:
                 "eps": o.eps,
                 "weight_decay": o.weight_decay,
                 "torch_adam": True,
+                # DeepSpeed hands these to torch.optim.AdamW (None: torch's own choice).
+                "foreach": True if o.implementation == "foreach" else None,
+                **({"fused": True} if o.implementation == "fused" else {}),
             },
         },
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
@@ -89,9 +93,9 @@ def build_model_for(cfg: Config, layout: Layout) -> nn.Module:
         )
 
     if layout.pp_size > 1:  # this rank's pipeline stage only (ZeRO-3 is refused with PP)
-        return build_stage(cfg, layout).to(layout.device)
+        return compile_blocks(cfg, build_stage(cfg, layout).to(layout.device))
     if cfg.parallel.zero_stage != 3:
-        return build().to(layout.device)
+        return compile_blocks(cfg, build().to(layout.device))
     with partitioned_init(cfg, layout):
         model = build()
     # Buffers (rotary tables, sinusoidal positions) are not partitioned and were built on the
@@ -99,6 +103,20 @@ def build_model_for(cfg: Config, layout: Layout) -> nn.Module:
     for module in model.modules():
         for name, buf in module.named_buffers(recurse=False):
             module._buffers[name] = buf.to(layout.device)
+    return model
+
+
+def compile_blocks(cfg: Config, model: nn.Module) -> nn.Module:
+    """With run.compile, every transformer block runs through torch.compile (compiled on its
+    first call; the module, its parameters and their names stay as they are, so checkpoints
+    and the optimizer do not see it). Whole blocks, not the model: the embedding, loss and
+    pipeline plumbing stay eager, and each distinct block shape compiles once."""
+    if cfg.run.compile:
+        from pretrain.models.layers import Block
+
+        for module in model.modules():
+            if isinstance(module, Block):
+                module.compile()
     return model
 
 
@@ -191,7 +209,15 @@ def build_engine(cfg: Config, layout: Layout, model: nn.Module):
     )
     if isinstance(model, PipelineModule):
         return pipeline_engine(layout, **kwargs)
+    if cfg.model.moe_experts:  # experts replicated over TP (pretrain.expert_parallel)
+        from pretrain.expert_parallel import create_expert_groups
+
+        create_expert_groups(cfg.parallel.ep, layout)
     engine, _, _, scheduler = deepspeed.initialize(mpu=DeepSpeedMPU(layout), **kwargs)
+    if cfg.model.moe_experts:
+        from pretrain.expert_parallel import use_replicated_experts
+
+        use_replicated_experts(engine, layout)
     if layout.dp_size == 1 and cfg.parallel.zero_stage == 0:
         # An all-reduce over one rank, and a division by 1, of every gradient each step: the
         # identity, at the cost of a copy of all gradients into and out of a flat buffer.
@@ -313,14 +339,51 @@ def grad_norm_now(engine: Any) -> float:
     over the data-parallel-reduced grads. With clipping on, the gradients are clipped here with
     the configured limit, and the step's own clipping (clip_once) is skipped: one norm pass and
     its two all-reduces per step instead of two, and the same numbers, since it is the same
-    routine on the same gradients that DeepSpeed's step would run."""
+    routine on the same gradients that DeepSpeed's step would run. Experts sharded over
+    expert-parallel ranks are the exception: DeepSpeed's norm is wrong there, and both this
+    and the step's clipping use pretrain.expert_parallel.clip_expert_parallel."""
     from deepspeed.runtime.utils import clip_grad_norm_
 
+    from pretrain.expert_parallel import clip_expert_parallel
+
     limit = engine.gradient_clipping()
-    norm = clip_grad_norm_(engine.module.parameters(), limit or float("inf"), mpu=engine.mpu)
+    exact = clip_expert_parallel(engine, limit or float("inf")) if engine.has_moe_layers else None
+    if exact is not None:  # experts over expert-parallel ranks: DeepSpeed's norm is not exact
+        norm = exact
+    elif norm_is_local(engine):
+        norm = clip_local(engine.module.parameters(), limit or float("inf"))
+    else:
+        norm = clip_grad_norm_(engine.module.parameters(), limit or float("inf"), mpu=engine.mpu)
     if limit > 0:
         engine.clipped_at_micro_step = engine.micro_steps
     return float(norm)
+
+
+def norm_is_local(engine: Any) -> bool:
+    """Whether every rank already holds the whole, identical gradient, so the norm needs no
+    collective: one model-parallel rank (TP = PP = 1), gradients reduced over data parallelism
+    (ZeRO-0), no experts (whose gradients differ per rank). DeepSpeed's routine would still
+    all-reduce twice per step: the sum over a model-parallel group of one, and an average of
+    equal values over the data-parallel ranks."""
+    return (
+        engine.mpu.get_model_parallel_world_size() == 1
+        and engine.zero_optimization_stage() == 0
+        and not engine.has_moe_layers
+    )
+
+
+def clip_local(parameters: Any, limit: float) -> torch.Tensor:
+    """DeepSpeed's clip_grad_norm_ (2-norm) without its collectives, for `norm_is_local`
+    gradients: the same per-parameter norms, sum of squares, root, clip coefficient and
+    in-place scaling, so the same numbers (bitwise at DP = 1 or 2, where DeepSpeed's average of
+    equal values is exact; at larger DP its average may round the last bit, this does not)."""
+    grads = [p.grad.detach() for p in parameters if p.grad is not None]
+    norms = torch._foreach_norm([g.float() for g in grads], 2.0)
+    total = torch.stack(norms).pow(2.0).sum().float().pow(0.5)
+    coef = torch.tensor([float(limit)], device=total.device) / (total + 1e-6)
+    coef = torch.min(torch.tensor([1.0], device=total.device), coef)
+    torch._foreach_mul_(grads, coef.squeeze(0))
+    return total
 
 
 def clip_once(engine: Any) -> None:
@@ -332,7 +395,11 @@ def clip_once(engine: Any) -> None:
 
     def clip_fp32_gradients() -> None:
         if engine.clipped_at_micro_step != engine.micro_steps:
-            deepspeed_clip()
+            from pretrain.expert_parallel import clip_expert_parallel
+
+            limit = engine.gradient_clipping()
+            if not engine.has_moe_layers or clip_expert_parallel(engine, limit) is None:
+                deepspeed_clip()
         engine.clipped_at_micro_step = None
 
     engine.clip_fp32_gradients = clip_fp32_gradients

@@ -97,3 +97,48 @@ def reduce_scatter_sequence(x_SBD: torch.Tensor, group: Any) -> torch.Tensor:
 def gather_last_dim(x: torch.Tensor, group: Any) -> torch.Tensor:
     """[..., v/tp] slices -> [..., v]."""
     return x if _size(group) == 1 else _GatherLastDim.apply(x, group)
+
+
+class _GatherReplicated(torch.autograd.Function):
+    """Forward: all-gather shards of the sequence into a tensor that every rank then uses
+    whole and alike (a replicated computation, such as a mixture-of-experts layer whose
+    routing runs on every rank). Backward: keep this rank's shard, since every rank already
+    holds the full, identical gradient (summing them would count it tp times)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        return _all_gather_first(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        n, r = _size(ctx.group), dist.get_rank(ctx.group)
+        return grad.chunk(n, dim=0)[r].contiguous(), None
+
+
+class _SplitSequence(torch.autograd.Function):
+    """Forward: keep this rank's shard of a replicated [s, b, d] tensor. Backward: all-gather,
+    each rank contributing the gradient of its own shard."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        n, r = _size(group), dist.get_rank(group)
+        if x.shape[0] % n:
+            raise ValueError(f"cannot split {x.shape[0]} positions over {n} tensor-parallel ranks")
+        return x.chunk(n, dim=0)[r].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _all_gather_first(grad, ctx.group), None
+
+
+def gather_sequence_replicated(x_SBD: torch.Tensor, group: Any) -> torch.Tensor:
+    """[s/tp, b, d] shards -> [s, b, d] for a computation replicated on every rank; the
+    gradient of this rank's shard is kept, not summed."""
+    return x_SBD if _size(group) == 1 else _GatherReplicated.apply(x_SBD, group)
+
+
+def split_sequence(x_SBD: torch.Tensor, group: Any) -> torch.Tensor:
+    """A replicated [s, b, d] -> this rank's shard [s/tp, b, d]; gradients all-gathered."""
+    return x_SBD if _size(group) == 1 else _SplitSequence.apply(x_SBD, group)

@@ -52,7 +52,7 @@ def non_embedding_params(cfg: ModelConfig) -> int:
     """N of the scaling-law literature: everything but the token and position embeddings and
     the vocabulary-sized output layer (its matrix and bias)."""
     if cfg.family == "t5":
-        enc = cfg.n_layers * block_params(cfg) + _final_norm(cfg)
+        enc = cfg.n_layers * block_params(cfg) + _final_norm(cfg) + moe_extra_params(cfg)
         dec = cfg.decoder_layers * block_params(cfg, cross=True) + _final_norm(cfg)
         rel_bias = 2 * cfg.rel_buckets * cfg.n_heads
         return enc + dec + rel_bias
@@ -130,16 +130,17 @@ def flops_per_token(
     """
     d, s = cfg.d_model, cfg.seq_len
     v = _vocab(cfg) if embeddings else 0
+    # Mixture of experts (GPT and BERT blocks, T5 encoder blocks): each token pays its router
+    # and top_k experts instead of one MLP.
+    mlp = d * cfg.ffn_size * (3 if cfg.activation in ("swiglu", "geglu") else 2)
+    moe = moe_layers(cfg) * ((cfg.moe_top_k - 1) * mlp + d * cfg.moe_experts)
     if cfg.family != "t5":
-        weights = cfg.n_layers * _matmul_weights(cfg) + v * d
-        if cfg.moe_experts:  # each token: its router, and top_k experts instead of one MLP
-            mlp = d * cfg.ffn_size * (3 if cfg.activation in ("swiglu", "geglu") else 2)
-            weights += moe_layers(cfg) * ((cfg.moe_top_k - 1) * mlp + d * cfg.moe_experts)
+        weights = cfg.n_layers * _matmul_weights(cfg) + v * d + moe
         if cfg.family == "bert":
             weights += d * d  # the MLM head's transform
         return 6 * weights + 12 * cfg.n_layers * s * d
     t = dec_len if dec_len is not None else s
-    enc = s * (6 * cfg.n_layers * _matmul_weights(cfg) + 12 * cfg.n_layers * s * d)
+    enc = s * (6 * (cfg.n_layers * _matmul_weights(cfg) + moe) + 12 * cfg.n_layers * s * d)
     dec_weights = cfg.decoder_layers * _matmul_weights(cfg, cross=True) + v * d
     dec = t * (6 * dec_weights + 12 * cfg.decoder_layers * (t + s) * d)
     return (enc + dec) // (s + t)

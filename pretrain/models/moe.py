@@ -1,7 +1,9 @@
 """Switch-style mixture of experts on DeepSpeed's MoE layer (`deepspeed.moe.layer.MoE`).
 
 Every `model.moe_every`-th transformer block gets a mixture-of-experts feed-forward instead of
-its MLP (`attach_experts`, applied from outside the model families by `build_model`). DeepSpeed
+its MLP (`attach_experts`, applied from outside the model families by `build_model`); under
+tensor parallelism the experts are replicated over the TP group (pretrain.expert_parallel,
+`MoEFeedForward` gathers a sequence-parallel input first). DeepSpeed
 does the routing (top-1 Switch or top-2 GShard gating with capacity, token dropping and random
 token selection), the all-to-all over the expert-parallel group and the balancing loss. What it
 lacks is ours, around its gate (no patch of DeepSpeed):
@@ -39,7 +41,8 @@ from deepspeed.moe.sharded_moe import TopKGate, top1gating, top2gating
 from torch import nn
 
 from pretrain.config import ModelConfig
-from pretrain.models.layers import MLP
+from pretrain.models.collectives import gather_sequence_replicated, split_sequence
+from pretrain.models.layers import MLP, TensorParallel
 
 # Slots of a layer's running statistics: routes each expert was chosen for (E of them, before
 # capacity dropping), routes each kept (E), then these.
@@ -56,8 +59,8 @@ def expert_seed(seed: int, layer: int, expert: int) -> int:
 
 class ExpertMLP(nn.Module):
     """One expert: the dense MLP's computation (same activations, gating layout and init
-    scales) on plain linear layers. Experts are never tensor-parallel: DeepSpeed gives each
-    expert whole, and with TP it splits the expert's tokens instead (not supported here)."""
+    scales) on plain linear layers. Experts are never tensor-parallel: every TP rank holds the
+    same experts and computes them on the same tokens (pretrain.expert_parallel)."""
 
     def __init__(self, cfg: ModelConfig, n_layers: int):
         super().__init__()
@@ -220,8 +223,11 @@ class MoEFeedForward(nn.Module):
     router losses stay on `router` for add_router_losses. Dropped tokens get a zero output here,
     so the block's residual connection passes them through unchanged."""
 
-    def __init__(self, cfg: ModelConfig, n_layers: int, ep_size: int = 1):
+    def __init__(
+        self, cfg: ModelConfig, n_layers: int, ep_size: int = 1, tpc: TensorParallel | None = None
+    ):
         super().__init__()
+        self.tpc = tpc
         self.moe = MoE(
             cfg.d_model,
             ExpertMLP(cfg, n_layers),
@@ -245,14 +251,27 @@ class MoEFeedForward(nn.Module):
         return self.moe.deepspeed_moe.experts.deepspeed_experts
 
     def forward(self, x_SBD: torch.Tensor) -> torch.Tensor:
+        # Under sequence parallelism each TP rank holds a shard of the sequence, but the
+        # experts are replicated over TP (pretrain.expert_parallel): gather the whole
+        # sequence, route and compute it alike on every rank, keep this rank's shard of the
+        # output. Routing and capacity then see the tokens TP=1 sees.
+        sp = self.tpc is not None and self.tpc.sequence_parallel
+        if sp:
+            x_SBD = gather_sequence_replicated(x_SBD, self.tpc.group)
         out_SBD, _, _ = self.moe(x_SBD)
-        return out_SBD
+        return split_sequence(out_SBD, self.tpc.group) if sp else out_SBD
 
 
 def is_moe_block(cfg: ModelConfig, index: int) -> bool:
     """Blocks moe_every-1, 2*moe_every-1, ... of a stack (every other block from the second at
     moe_every=2, as in Switch and GShard; every block at 1)."""
     return cfg.moe_experts > 0 and index % cfg.moe_every == cfg.moe_every - 1
+
+
+def expert_stack(model: nn.Module) -> nn.ModuleList:
+    """The blocks whose MLPs may become mixtures of experts: GPT's and BERT's stack, T5's
+    encoder (its decoder stays dense, as the issue asks for encoders only)."""
+    return model.encoder if model.cfg.family == "t5" else model.blocks
 
 
 def attach_experts(model: nn.Module, ep_size: int = 1, ep_rank: int = 0) -> nn.Module:
@@ -262,11 +281,11 @@ def attach_experts(model: nn.Module, ep_size: int = 1, ep_rank: int = 0) -> nn.M
     cfg: ModelConfig = model.cfg
     local = cfg.moe_experts // ep_size
     layer = 0
-    # GPT's blocks (the config refuses MoE for BERT and T5 for now).
-    for index, block in enumerate(model.blocks):
+    blocks = expert_stack(model)
+    for index, block in enumerate(blocks):
         if not is_moe_block(cfg, index):
             continue
-        ffn = MoEFeedForward(cfg, len(model.blocks), ep_size)
+        ffn = MoEFeedForward(cfg, len(blocks), ep_size, model.tpc)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(expert_seed(model.init_seed, layer, -1))
             nn.init.normal_(ffn.router.wg.weight, std=cfg.init_std)
@@ -288,14 +307,19 @@ def routers(model: nn.Module) -> Iterator[Router]:
 
 def add_router_losses(model: nn.Module, args: Any, kwargs: dict, output: Any) -> Any:
     """Forward hook: in training, to a scalar loss add moe_aux_loss_weight * balancing +
-    moe_z_loss_weight * z-loss, summed over MoE layers. Token weighting: each layer's losses
-    (means over the tokens it routed) are scaled by routed tokens / loss_tokens, the step's mean
-    micro-batch share the trainer passes (pretrain.steps): every token of the step then weighs
-    the same in the router losses as in the main loss, however the batch was split."""
+    moe_z_loss_weight * z-loss, summed over MoE layers. Token weighting: GPT routes the tokens
+    it scores, so each layer's losses (means over the tokens it routed) are scaled by routed
+    tokens / loss_tokens, the step's mean micro-batch share the trainer passes
+    (pretrain.steps): every token of the step then weighs the same in the router losses as in
+    the main loss, however the batch was split. BERT and T5 score a fraction of what their
+    encoders route (masked positions; decoder targets), and that scale would multiply the
+    configured weights by routed / scored tokens (about 6.7 at BERT's 15% masking); their
+    encoders route micro_batch_size * seq_len positions in every micro-batch, so a scale of 1
+    already weighs every routed position of the step alike."""
     if not model.training or not torch.is_tensor(output) or output.dim() != 0:
         return output
     cfg: ModelConfig = model.cfg
-    loss_tokens = kwargs.get("loss_tokens")
+    loss_tokens = kwargs.get("loss_tokens") if cfg.family == "gpt" else None
     for router in routers(model):
         if router.aux_loss is None:
             continue

@@ -44,8 +44,9 @@ def config(ep: int, zero_stage: int = 0) -> Config:
     cfg.parallel = dataclasses.replace(
         cfg.parallel, ep=ep, zero_stage=zero_stage, micro_batch_size=4
     )
-    # Clipping off: DeepSpeed's clipping norm with experts is the mean over data-parallel ranks
-    # of each rank's own norm, which differs between ep=1 and ep=2 (docs/moe.md).
+    # Clipping off: under ZeRO-2 DeepSpeed's clipping norm with experts is the mean over
+    # data-parallel ranks of each rank's own norm, which differs between ep=1 and ep=2
+    # (docs/moe.md; ZeRO-0's exact norm is checked in test_moe_tensor_parallel.py).
     cfg.optim = dataclasses.replace(cfg.optim, lr=1e-2, warmup_steps=0, grad_clip=0.0)
     return cfg.validate()
 
@@ -112,10 +113,12 @@ def train(layout, ep: int, zero_stage: int = 0, permute: bool = False) -> dict:
     return {"losses": losses, "grads": merged}
 
 
-def generation_logits(trainer, layout) -> dict:
+def generation_logits(trainer, layout, load: bool = True) -> dict:
     """Last-position logits for a fixed batch from the trained ep=2 engine (eval mode, both
     ranks given the same tokens), and from its final checkpoint loaded the way
-    pretrain-generate loads it (one process, ep=1, experts from DeepSpeed's expert files)."""
+    pretrain-generate loads it (one process, ep=1, experts from DeepSpeed's expert files);
+    without `load` the checkpoint's path instead, for a process of its own to load (the
+    loader's world of one cannot be made inside a TP > 1 world)."""
     from pretrain.generate_cli import load_model
 
     vocab = trainer.cfg.model.vocab_size
@@ -125,14 +128,14 @@ def generation_logits(trainer, layout) -> dict:
         trained = trainer.engine(tokens=tokens)[:, -1]
     dist.barrier()  # the final checkpoint is complete on every rank
     loaded = None
-    if layout.is_main:
+    if load and layout.is_main:
         model, _ = load_model(trainer.ckpt_dir)
         with torch.no_grad():
             loaded = model(tokens)[:, -1].tolist()
-    return {"trained": trained.tolist(), "loaded": loaded}
+    return {"trained": trained.tolist(), "loaded": loaded, "checkpoint": str(trainer.ckpt_dir)}
 
 
-def resume_runs(layout, dataset: str, tmp: Path, extra: list[str]) -> dict:
+def resume_runs(layout, dataset: str, tmp: Path, extra: list[str], load: bool = True) -> dict:
     """20 steps straight, and 10 (stopped as if preempted) + checkpoint + 10 resumed, through
     pretrain.train.run at ep=2 with dropout, jitter and random token selection on; per-step
     losses and a weights digest."""
@@ -175,7 +178,7 @@ def resume_runs(layout, dataset: str, tmp: Path, extra: list[str]) -> dict:
     out = {}
     straight = launch("straight")
     out["straight"] = {"losses": [m["loss"] for m in straight.history], "digest": digest(straight)}
-    out["generation"] = generation_logits(straight, layout)
+    out["generation"] = generation_logits(straight, layout, load)
     first = launch("split", "never", "run.exit_after_steps=10")  # a preempted job
     resumed = launch("split", "auto")
     out["resumed"] = {

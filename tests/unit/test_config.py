@@ -317,16 +317,24 @@ VALIDATE_CASES = [
         "at most 16 steps",
     ),
     ov("tracking.tags", ["tracking.tags=[novalue]"], "tracking.tags[0]", "novalue", "KEY=VALUE"),
+    # run.compile: combinations refused before anything starts (docs/performance.md)
+    ov(
+        "run.compile-zero3",
+        ["run.compile=true", "parallel.zero_stage=3"],
+        "parallel.zero_stage",
+        3,
+        "run.compile=false",
+    ),
+    ov(
+        "run.compile-moe",
+        ["run.compile=true", "model.moe_experts=8"],
+        "model.moe_experts",
+        8,
+        "run.compile=false",
+    ),
     # model: mixture of experts (docs/moe.md)
     ov("model.moe_experts-negative", ["model.moe_experts=-1"], "model.moe_experts", -1, ">= 2"),
     ov("model.moe_experts-one", ["model.moe_experts=1"], "model.moe_experts", 1, "at least 2"),
-    ov(
-        "model.moe_experts-bert",
-        ["model.family=bert", "model.moe_experts=8"],
-        "model.moe_experts",
-        8,
-        "family gpt only",
-    ),
     ov("model.moe_every", ["model.moe_experts=8", "model.moe_every=0"], "model.moe_every", 0),
     ov("model.moe_top_k", ["model.moe_experts=8", "model.moe_top_k=3"], "model.moe_top_k", 3),
     ov(

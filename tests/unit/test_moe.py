@@ -249,7 +249,6 @@ def moe_config(**parallel) -> Config:
     "parallel, field",
     [
         (dict(pp=2), "parallel.pp"),
-        (dict(tp=2), "parallel.tp"),
         (dict(zero_stage=3), "parallel.zero_stage"),
         (dict(ep=3), "parallel.ep"),
     ],
