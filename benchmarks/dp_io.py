@@ -1,59 +1,104 @@
-"""Bytes of shard data one data-parallel rank reads, at DP=4 against DP=1.
+"""Bytes of shard data one data-parallel rank reads, at DP=1, 2 and 4, for the same training.
 
-Rank 0's loader (make_batches, the run's own) serves the same number of optimizer steps at
-each size (a quarter of the sequences per rank at DP=4); every shard read is counted by its
-file size (data_pipeline.packing reads shards whole). The issue's goal is a ratio of at most
-0.30; 1.0 means every rank reads the whole dataset.
+The global batch is fixed (`--global-batch` sequences per step, split over the ranks), so each
+size serves the same sequences in total and a rank at DP=4 serves a quarter of them. Each
+rank's loader (make_batches, the run's own) counts the bytes it reads from disk
+(PackedSequences.bytes_read: range-index files, shard chunks, or whole shards); the table gives
+rank 0's and the largest over the ranks, and their ratio to DP=1. The reference row is the same
+dataset without its range index (as built before indexes existed), read whole shard by shard.
+The issue's goal is a DP=4 / DP=1 ratio of at most 0.30.
 
-usage: python benchmarks/dp_io.py [--data DIR] [--steps N] [--seq-len L] [--micro-batch B]
+The figures count what the reader asks the file system for; on a local disk the page cache
+rounds each read up to whole 4 KiB pages (sequences of 2 KiB or more are little affected).
+
+usage: python benchmarks/dp_io.py [--data DIR] [--tokens N | --steps N] [--seq-len L ...]
+                                  [--global-batch G] [--chunk-bytes B]
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import data_pipeline.packing as packing  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from data_pipeline.dataset import DatasetInfo  # noqa: E402
 from data_pipeline.loader import make_batches  # noqa: E402
+from data_pipeline.shard_index import CHUNK_BYTES  # noqa: E402
+from data_pipeline.shards import MANIFEST_FILE, OPTIONAL_COLUMNS, add_range_indexes  # noqa: E402
+
+# The shuffle window, in sequences. Runs serve whole windows: at DP=1 a process reads each
+# window in one pass when it first needs it, so a run that stopped inside a window would
+# count for DP=1 bytes that DP=4 ranks had not reached yet.
+WINDOW = 1024
 
 
-def bytes_read(data: str, dp: int, steps: int, seq_len: int, micro: int) -> int:
-    total = 0
-    real = packing.read_shard_stream
-
-    def counted(shard, *args, **kwargs):
-        nonlocal total
-        total += shard.path.stat().st_size
-        return real(shard, *args, **kwargs)
-
-    packing.read_shard_stream = counted
-    try:
-        loader = make_batches({"path": data, "shuffle_window": 1024}, "train", seq_len, 0, micro,
-                              dp_rank=0, dp_size=dp, num_workers=0)  # fmt: skip
-        for _ in range(steps):
-            loader.next_step()
-    finally:
-        packing.read_shard_stream = real
-    return total
+def bytes_read(data: str, dp: int, rank: int, steps: int, seq_len: int, global_batch: int) -> int:
+    """Bytes rank `rank` of `dp` reads to serve `steps` global batches."""
+    loader = make_batches({"path": data, "shuffle_window": WINDOW}, "train", seq_len, 0,
+                          global_batch // dp, dp_rank=rank, dp_size=dp, num_workers=0)  # fmt: skip
+    for _ in range(steps):
+        loader.next_step()
+    return loader.sequences.bytes_read
 
 
-def main(argv: list[str] | None = None) -> float:
+def prepare(data: Path, scratch: Path, chunk_bytes: int) -> tuple[str, str]:
+    """(an indexed copy, a copy without index) of the dataset at `data`."""
+    indexed, whole = scratch / "indexed", scratch / "whole"
+    shutil.copytree(data, indexed)
+    if any(s.index_sha256 is None for s in DatasetInfo(indexed).split("train")):
+        add_range_indexes(indexed, chunk_bytes)
+    shutil.copytree(indexed, whole)
+    manifest = whole / MANIFEST_FILE
+    pq.write_table(pq.read_table(manifest).drop_columns(list(OPTIONAL_COLUMNS)), manifest)
+    return str(indexed), str(whole)
+
+
+def main(argv: list[str] | None = None) -> dict[int, float]:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--data", default=str(ROOT / "data" / "stdlib"))
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--tokens", type=int, default=1_000_000,
+                   help="tokens served, rounded to whole shuffle windows (at least one); "
+                        "under one epoch of data/stdlib (2.5M) no shard is read twice")  # fmt: skip
+    p.add_argument("--steps", type=int, help="steps at every seq_len (overrides --tokens)")
+    p.add_argument("--seq-len", type=int, nargs="+", default=[128, 1024, 2048])
+    p.add_argument("--global-batch", type=int, default=32, help="a multiple of 4")
+    p.add_argument(
+        "--chunk-bytes",
+        type=int,
+        default=CHUNK_BYTES,
+        help="chunk size of the index added to a copy of an unindexed dataset",
+    )
     a = p.parse_args(argv)
-    one = bytes_read(a.data, 1, a.steps, a.seq_len, a.micro_batch)
-    four = bytes_read(a.data, 4, a.steps, a.seq_len, a.micro_batch)
-    print("| data | steps | rank 0 bytes, DP=1 | rank 0 bytes, DP=4 | ratio DP=4 / DP=1 |")
-    print("|---|---|---|---|---|")
-    print(f"| {Path(a.data).name} | {a.steps} | {one:,} | {four:,} | {four / max(one, 1):.2f} |")
-    return four / max(one, 1)
+    ratios = {}
+    print(f"global batch {a.global_batch} sequences; bytes read per rank (rank 0 / the largest "
+          f"of the ranks) and the ratio of the largest to DP=1's\n")  # fmt: skip
+    print("| seq_len | steps | reader | DP=1 | DP=2 | DP=4 | DP=2 / DP=1 | DP=4 / DP=1 |")
+    print("|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        indexed, whole = prepare(Path(a.data), Path(tmp), a.chunk_bytes)
+        for seq_len in a.seq_len:
+            windows = max(1, round(a.tokens / (WINDOW * seq_len)))
+            steps = a.steps or windows * WINDOW // a.global_batch
+            for name, data in (("range reads", indexed), ("whole shards (no index)", whole)):
+                per_dp = {}
+                for dp in (1, 2, 4):
+                    counts = [bytes_read(data, dp, r, steps, seq_len, a.global_batch)
+                              for r in range(dp)]  # fmt: skip
+                    per_dp[dp] = (counts[0], max(counts))
+                cells = [f"{r0:,} / {top:,}" for r0, top in per_dp.values()]
+                two, four = (per_dp[d][1] / max(per_dp[1][1], 1) for d in (2, 4))
+                row = [str(seq_len), str(steps), name, *cells, f"{two:.2f}", f"{four:.2f}"]
+                print(f"| {' | '.join(row)} |")
+                if data == indexed:
+                    ratios[seq_len] = four
+    return ratios
 
 
 if __name__ == "__main__":

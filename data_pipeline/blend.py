@@ -151,6 +151,16 @@ class BlendedSequences:
                 out[mine] = source.rows(int(position[mine[0]]), len(mine))
         return out
 
+    def rows_at(self, index: np.ndarray) -> np.ndarray:
+        """Global sequences `index` (any order) as a new [len(index), length] array."""
+        dataset, position = self.schedule.assign(index)
+        out = np.empty((len(index), self.length), dtype=self.info.dtype)
+        for d, source in enumerate(self.sources):
+            mine = np.flatnonzero(dataset == d)
+            if len(mine):
+                out[mine] = source.rows_at(position[mine])
+        return out
+
     def epoch_of(self, consumed: int) -> float:
         """Passes over the most-repeated dataset after `consumed` global sequences."""
         counts = self.schedule.counts(consumed)

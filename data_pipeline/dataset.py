@@ -25,8 +25,12 @@ class Shard:
     path: Path
     documents: int
     tokens: int
-    sha256: str | None = None  # from the manifest: checked when a rank first reads the shard
+    sha256: str | None = None  # from the manifest: checked when a shard is read whole
     bytes: int | None = None
+    # The shard's range index (data_pipeline.shard_index); None in datasets built before it,
+    # which are then read whole.
+    index_sha256: str | None = None
+    index_bytes: int | None = None
 
     @property
     def stream_length(self) -> int:
@@ -74,7 +78,15 @@ class DatasetInfo:
 
         shards: dict[str, list[Shard]] = {}
         for row in read_manifest(self.path):
-            shard = Shard(self.path / row.shard, row.documents, row.tokens, row.sha256, row.bytes)
+            shard = Shard(
+                self.path / row.shard,
+                row.documents,
+                row.tokens,
+                row.sha256,
+                row.bytes,
+                row.index_sha256,
+                row.index_bytes,
+            )
             shards.setdefault(row.split, []).append(shard)
         return shards
 
@@ -116,6 +128,15 @@ class DatasetInfo:
             except OSError as e:
                 raise DataError(f"cannot read shard {shard.path} ({e}); {SHARD_FIX}") from None
             check_digest(shard.path, size, "", shard.bytes, None)
+            if shard.index_bytes is not None:
+                from data_pipeline.shard_index import index_path
+
+                index = index_path(shard.path)
+                try:
+                    size = index.stat().st_size
+                except OSError as e:
+                    raise DataError(f"cannot read shard index {index} ({e}); {SHARD_FIX}") from None
+                check_digest(index, size, "", shard.index_bytes, None)
 
     def max_token_id(self) -> int:
         """The largest id the loader can serve from this dataset, from token_counts.npz (no
@@ -187,12 +208,7 @@ def read_shard_stream(
     if verify:
         digest = hashlib.sha256(data).hexdigest()
         check_digest(shard.path, len(data), digest, shard.bytes, shard.sha256)
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            members = tar.getmembers()
-        docs = [_npy_payload(data, m) for m in members if m.isfile()]
-    except (OSError, ValueError, tarfile.TarError) as e:
-        raise DataError(f"cannot read shard {shard.path} ({e}); {SHARD_FIX}") from None
+    docs = [member_ids(data, m) for m in shard_members(data, shard.path)]
     tokens = sum(len(d) for d in docs)
     if len(docs) != shard.documents or tokens != shard.tokens:
         raise DataError(
@@ -217,8 +233,39 @@ def read_shard_stream(
     return stream
 
 
-def _npy_payload(data: bytes, member: tarfile.TarInfo) -> np.ndarray:
-    """The 1-D array of one `.npy` tar member, viewed in `data` without a copy."""
+@dataclass(frozen=True)
+class Member:
+    """One document of a shard: where its token ids lie in the shard's bytes."""
+
+    key: str
+    offset: int  # byte offset of the first token id
+    dtype: np.dtype
+    count: int
+
+
+def shard_members(data: bytes, path: str | Path) -> list[Member]:
+    """The documents of a shard's bytes, in order: the one parser of the shard format (the
+    loader, `iter_shard` and the range index all read through it). DataError naming `path`
+    when the bytes are not a tar of 1-D `.npy` members."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            members = tar.getmembers()
+        return [_npy_member(data, m) for m in members]
+    except (OSError, ValueError, tarfile.TarError) as e:
+        raise DataError(
+            f"cannot read shard {path} (truncated or corrupt: {e}); {SHARD_FIX}"
+        ) from None
+
+
+def member_ids(data: bytes, member: Member) -> np.ndarray:
+    """A document's token ids, viewed in the shard's bytes without a copy."""
+    return np.frombuffer(data, dtype=member.dtype, count=member.count, offset=member.offset)
+
+
+def _npy_member(data: bytes, member: tarfile.TarInfo) -> Member:
+    """Where the 1-D array of one `.npy` tar member lies in `data`."""
+    if not member.isfile():
+        raise ValueError(f"unexpected member {member.name!r}, not a .npy file")
     start, end = member.offset_data, member.offset_data + member.size
     if not member.name.endswith(".npy") or end > len(data) or data[start : start + 6] != NPY_MAGIC:
         raise ValueError(f"member {member.name!r} is not a complete .npy file")
@@ -235,4 +282,4 @@ def _npy_payload(data: bytes, member: tarfile.TarInfo) -> np.ndarray:
     offset = start + fp.tell()
     if offset + shape[0] * dtype.itemsize != end:
         raise ValueError(f"member {member.name!r} is truncated")
-    return np.frombuffer(data, dtype=dtype, count=shape[0], offset=offset)
+    return Member(member.name.partition(".")[0], offset, dtype, shape[0])

@@ -59,8 +59,8 @@ class MicroBatchMaker:
         self.sequences, self.objective = sequences, objective
 
     def __call__(self, tasks: list[Task]) -> list[dict[str, np.ndarray]]:
-        rows = np.concatenate([self.sequences.rows(start, count) for start, count in tasks])
         index = np.concatenate([np.arange(s, s + c, dtype=np.int64) for s, c in tasks])
+        rows = self.sequences.rows_at(index)
         batch = self.objective(rows, index)
         # The objective is row-wise, so one call on the group equals one call per micro-batch.
         cuts = np.cumsum([count for _, count in tasks])[:-1]
@@ -106,6 +106,8 @@ class DistributedBatches:
         self.grad_accum = grad_accum
         self.global_batch = micro_batch * dp_size * grad_accum
         self.consumed = 0
+        for source in getattr(sequences, "sources", [sequences]):
+            source.dense = dp_size == 1 and num_workers <= 1
         self.maker = MicroBatchMaker(sequences, objective)
         self.workers = OrderedWorkers(self.maker, num_workers, prefetch) if num_workers else None
         self.group = max(1, group_tokens // (micro_batch * sequences.length))

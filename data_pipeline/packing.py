@@ -9,20 +9,21 @@
    from (seed, epoch, window).
 
 Global sequence g is sequence g % N of epoch g // N, so any range of global sequences can be
-produced directly, without replaying the ones before it.
+produced directly, without replaying the ones before it. Only the tokens of the sequences asked
+for are read (``data_pipeline.range_reads``): a data-parallel rank reads about 1/DP of the data.
 """
 
 from __future__ import annotations
 
-import bisect
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from data_pipeline.dataset import SHARD_FIX, DatasetInfo, Shard, read_shard_stream
+from data_pipeline.dataset import SHARD_FIX, DatasetInfo, Shard
 from data_pipeline.errors import DataError
+from data_pipeline.range_reads import RangeReader, WholeReader, open_reader
 
 SEED_MASK = 2**64 - 1  # numpy seeds must be non-negative; run.seed may not be
 
@@ -58,11 +59,18 @@ class PackedSequences:
                 f"the '{split}' split of {info.path} has {total} tokens, fewer than "
                 f"one sequence of {seq_len + overlap}; use more data or a smaller seq_len"
             )
-        self._cache: OrderedDict[Path, np.ndarray] = OrderedDict()
+        self._cache: OrderedDict[Path, RangeReader | WholeReader] = OrderedDict()
         self._verified: set[Path] = set()  # shards whose checksum this process has checked
         self._cache_size = cache_shards
+        self._window_shards = 1  # shards the current shuffle window spans
         self._window_key: tuple[int, int] | None = None
-        self._window_val: tuple[np.ndarray, np.ndarray] | None = None
+        self._window_val: np.ndarray | None = None
+        self._epoch_key: int | None = None
+        self._epoch_val: tuple[list[Shard], np.ndarray] | None = None
+        self.bytes_read = 0  # shard bytes this process read from disk
+        # Set by the loader when this process serves every sequence (DP=1, at most one
+        # worker): each shuffle window's tokens are then read in one pass on first use.
+        self.dense = False
 
     @property
     def length(self) -> int:
@@ -76,7 +84,7 @@ class PackedSequences:
     def __getstate__(self) -> dict[str, Any]:
         # Worker processes started with spawn receive a pickled copy: send no cached tokens.
         state = dict(self.__dict__)
-        state.update(_cache=OrderedDict(), _window_key=None, _window_val=None)
+        state.update(_cache=OrderedDict(), _window_key=None, _window_val=None, bytes_read=0)
         return state
 
     def identity(self) -> dict[str, Any]:
@@ -111,68 +119,130 @@ class PackedSequences:
         rng = np.random.default_rng([self.seed & SEED_MASK, epoch, 0])
         return [self.shards[i] for i in rng.permutation(len(self.shards))]
 
-    def _shard_tokens(self, shard: Shard) -> np.ndarray:
+    def _reader(self, shard: Shard) -> RangeReader | WholeReader:
         if shard.path not in self._cache:
-            # The checksum on this process's first read only: a re-read (the cache is small)
-            # costs no second hash, and what changed since would be no bit rot of ours.
+            # A shard read whole has its sha256 checked on this process's first read only: a
+            # re-read (the cache is small) costs no second hash. A range reader checks each
+            # chunk's crc32 when it reads the chunk.
             first = shard.path not in self._verified
-            tokens = read_shard_stream(shard, self.info.eos_id, self.info.dtype, verify=first)
+            reader = open_reader(shard, self.info.eos_id, self.info.dtype, verify=first)
+            self.bytes_read += reader.bytes_read
             self._verified.add(shard.path)
-            if self.vocab_limit is not None and len(tokens) and tokens.max() >= self.vocab_limit:
-                # The model was checked against token_counts.npz before the run, so an id
-                # beyond it here is a shard that does not match its dataset.
-                raise DataError(
-                    f"shard {shard.path} holds token id {int(tokens.max())}, beyond the "
-                    f"{self.vocab_limit} embedding rows that the dataset's token counts allowed: "
-                    f"the shard is corrupt or from another dataset; {SHARD_FIX}"
-                )
-            self._cache[shard.path] = tokens
-            while len(self._cache) > self._cache_size:
+            self._cache[shard.path] = reader
+            # Every shard of the current window stays: its sequences are asked for in random
+            # order, and an evicted shard would be read again within the window.
+            while len(self._cache) > max(self._cache_size, self._window_shards):
                 self._cache.popitem(last=False)
+        self._cache.move_to_end(shard.path)
         return self._cache[shard.path]
 
-    def _read_range(self, epoch: int, start: int, stop: int) -> np.ndarray:
-        """Stream tokens [start, stop) of an epoch."""
-        order = self.shard_order(epoch)
-        ends = np.cumsum([s.stream_length for s in order]).tolist()
-        first = bisect.bisect_right(ends, start)
-        pieces, pos = [], start
-        for i in range(first, len(order)):
-            shard_start = ends[i] - order[i].stream_length
-            if shard_start >= stop:
-                break
-            tokens = self._shard_tokens(order[i])
-            pieces.append(tokens[pos - shard_start : min(stop, ends[i]) - shard_start])
-            pos = min(stop, ends[i])
-        return np.concatenate(pieces)
+    def _gather(self, shard: Shard, positions: np.ndarray, rows: bool = False) -> np.ndarray:
+        """The shard's stream at `positions`, or with `rows` the [n, length] rows starting
+        at `positions` (each inside the shard)."""
+        reader = self._reader(shard)
+        before = reader.bytes_read
+        tokens = reader.rows(positions, self.length) if rows else reader.gather(positions)
+        self.bytes_read += reader.bytes_read - before
+        if self.vocab_limit is not None and tokens.size and tokens.max() >= self.vocab_limit:
+            # The model was checked against token_counts.npz before the run, so an id
+            # beyond it here is a shard that does not match its dataset.
+            raise DataError(
+                f"shard {shard.path} holds token id {int(tokens.max())}, beyond the "
+                f"{self.vocab_limit} embedding rows that the dataset's token counts allowed: "
+                f"the shard is corrupt or from another dataset; {SHARD_FIX}"
+            )
+        return tokens
 
-    def _window(self, epoch: int, window: int) -> tuple[np.ndarray, np.ndarray]:
-        """The window's sequences as an [n, length] view, and the order to emit them in.
-        The last window is kept: consecutive micro-batches mostly fall in the same one."""
+    def _epoch(self, epoch: int) -> tuple[list[Shard], np.ndarray]:
+        """The epoch's shard order and the stream position where each shard ends."""
+        if self._epoch_key != epoch:
+            order = self.shard_order(epoch)
+            ends = np.cumsum([s.stream_length for s in order], dtype=np.int64)
+            self._epoch_key, self._epoch_val = epoch, (order, ends)
+        return self._epoch_val
+
+    def _sequences(self, epoch: int, index: np.ndarray) -> np.ndarray:
+        """Sequences `index` of an epoch as a [len(index), length] array: the tokens
+        index*L .. index*L + length - 1 of the epoch's stream."""
+        order, ends = self._epoch(epoch)
+        starts = index * self.seq_len
+        first = np.searchsorted(ends, starts, side="right")
+        inside = first == np.searchsorted(ends, starts + self.length - 1, side="right")
+        out = np.empty((len(index), self.length), dtype=self.info.dtype)
+        if inside.all() and first.min() == first.max():
+            i = int(first[0])
+            return self._gather(order[i], starts - (ends[i] - order[i].stream_length), rows=True)
+        for i in np.unique(first[inside]):
+            mine = inside & (first == i)
+            local = starts[mine] - (ends[i] - order[i].stream_length)
+            out[mine] = self._gather(order[i], local, rows=True)
+        if not inside.all():  # rows that run from one shard into the next, token by token
+            cross = np.flatnonzero(~inside)
+            positions = starts[cross, None] + np.arange(self.length)
+            shard = np.searchsorted(ends, positions, side="right")
+            part = np.empty(positions.shape, dtype=self.info.dtype)
+            for i in np.unique(shard):
+                mine = shard == i
+                part[mine] = self._gather(
+                    order[i], positions[mine] - (ends[i] - order[i].stream_length)
+                )
+            out[cross] = part
+        return out
+
+    def _window(self, epoch: int, window: int) -> np.ndarray:
+        """The order to emit the window's sequences in (window-relative indices). The last
+        window's is kept: consecutive micro-batches mostly fall in the same one."""
         if self._window_key == (epoch, window):
             return self._window_val
         first = window * self.shuffle_window
         n = min(self.shuffle_window, self.per_epoch - first)
-        L = self.seq_len
-        tokens = self._read_range(epoch, first * L, (first + n) * L + self.overlap)
-        seqs = np.lib.stride_tricks.sliding_window_view(tokens, self.length)[::L]
+        ends = self._epoch(epoch)[1]
+        last_token = (first + n) * self.seq_len + self.overlap - 1
+        self._window_shards = int(
+            np.searchsorted(ends, last_token, side="right")
+            - np.searchsorted(ends, first * self.seq_len, side="right")
+            + 1
+        )
         if self.shuffle_window == 1:
             order = np.arange(n)
         else:
             rng = np.random.default_rng([self.seed & SEED_MASK, epoch, window + 1])
             order = rng.permutation(n)
-        self._window_key, self._window_val = (epoch, window), (seqs, order)
-        return seqs, order
+        self._window_key, self._window_val = (epoch, window), order
+        if self.dense:
+            self._prefetch(epoch, first * self.seq_len, last_token + 1)
+        return order
+
+    def _prefetch(self, epoch: int, start: int, stop: int) -> None:
+        order, ends = self._epoch(epoch)
+        for i in range(int(np.searchsorted(ends, start, side="right")), len(order)):
+            begin = int(ends[i]) - order[i].stream_length
+            if begin >= stop:
+                break
+            reader = self._reader(order[i])
+            before = reader.bytes_read
+            reader.prefetch(max(start - begin, 0), min(stop, int(ends[i])) - begin)
+            self.bytes_read += reader.bytes_read - before
 
     def rows(self, start: int, count: int) -> np.ndarray:
         """Global sequences start .. start + count - 1 as a new [count, length] array."""
-        out = np.empty((count, self.length), dtype=self.info.dtype)
-        done = 0
-        while done < count:
-            epoch, pos = divmod(start + done, self.per_epoch)
-            window, offset = divmod(pos, self.shuffle_window)
-            seqs, order = self._window(epoch, window)
-            take = min(count - done, len(order) - offset)
-            out[done : done + take] = seqs[order[offset : offset + take]]
-            done += take
+        return self.rows_at(np.arange(start, start + count, dtype=np.int64))
+
+    def rows_at(self, index: np.ndarray) -> np.ndarray:
+        """Global sequences `index` (any order) as a new [len(index), length] array: one
+        call for a whole group of micro-batches, so numpy's per-call cost is paid once."""
+        index = np.asarray(index, dtype=np.int64)
+        epoch, pos = np.divmod(index, self.per_epoch)
+        window, offset = np.divmod(pos, self.shuffle_window)
+        key = epoch * (self.per_epoch // self.shuffle_window + 1) + window
+        sequence = np.empty_like(index)
+        for k in np.unique(key):
+            mine = key == k
+            i = int(np.argmax(mine))
+            order = self._window(int(epoch[i]), int(window[i]))
+            sequence[mine] = window[i] * self.shuffle_window + order[offset[mine]]
+        out = np.empty((len(index), self.length), dtype=self.info.dtype)
+        for e in np.unique(epoch):
+            mine = epoch == e
+            out[mine] = self._sequences(int(e), sequence[mine])
         return out

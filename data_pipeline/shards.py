@@ -6,10 +6,14 @@ Layout (format_version 2)::
       dataset.json       format_version, fingerprint, dtype, tokenizer (file, sha256,
                          vocab_size, eos_id, pad_id, mask_id, sentinel_ids), settings, splits
                          (documents, tokens, shard list per split), skipped, sources
-      manifest.parquet   one row per shard: split, shard, documents, tokens, sha256, bytes
+      manifest.parquet   one row per shard: split, shard, documents, tokens, sha256, bytes,
+                         index_sha256, index_bytes (of the shard's range index; null in
+                         datasets built before it)
       tokenizer.json
       token_counts.npz   "train" and "val": int64[vocab_size] id counts (no end-of-document)
       train/train-000000.tar ...
+      train/train-000000.tar.idx ...  range index: document offsets, crc32 per 256-byte
+                                      chunk (data_pipeline.shard_index)
       val/val-000000.tar ...
 
 Each shard holds one sample per document, ``{"__key__": "%010d" % doc_index, "npy": ids}``,
@@ -19,11 +23,11 @@ document's token ids without an end-of-document token (the loader adds it).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
-import tarfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +35,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 
-from data_pipeline.dataset import check_digest
+from data_pipeline.dataset import SHARD_FIX, check_digest, member_ids, shard_members
 from data_pipeline.digest import file_digest, file_sha256, json_sha256
 from data_pipeline.errors import DataError
+from data_pipeline.shard_index import CHUNK_BYTES, check_index, write_index
 
 # 2: the special-token ids in dataset.json's tokenizer entry, shard sizes in the manifest.
 FORMAT_VERSION = 2
@@ -51,8 +56,12 @@ MANIFEST_SCHEMA = pa.schema(
         ("tokens", pa.int64()),
         ("sha256", pa.string()),
         ("bytes", pa.int64()),
+        ("index_sha256", pa.string()),
+        ("index_bytes", pa.int64()),
     ]
 )
+# Columns added after format 2 shipped: a manifest without them is read as having no index.
+OPTIONAL_COLUMNS = ("index_sha256", "index_bytes")
 # A fixed member mtime makes the tar bytes, and so the shard sha256 and the fingerprint,
 # depend only on the tokens: rebuilding the same inputs gives byte-identical shards.
 TAR_MTIME = 0
@@ -80,6 +89,8 @@ class ShardRecord:
     tokens: int
     sha256: str
     bytes: int
+    index_sha256: str | None = None
+    index_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -162,14 +173,19 @@ class SplitWriter:
         self._writer.close()
         self._handle.close()
         name = shard_name(self.split, len(self.records))
-        size, sha256 = file_digest(self.root / name)
+        # One read of the shard just written (bounded by shard_tokens) gives its sha256 and
+        # the range index, parsed from the bytes on disk rather than from what was meant.
+        data = (self.root / name).read_bytes()
+        index = write_index(self.root / name, data)
         record = ShardRecord(
             split=self.split,
             shard=name,
             documents=self._shard_documents,
             tokens=self._shard_tokens,
-            sha256=sha256,
-            bytes=size,
+            sha256=hashlib.sha256(data).hexdigest(),
+            bytes=len(data),
+            index_sha256=index[1],
+            index_bytes=index[0],
         )
         self.records.append(record)
         self._writer = self._handle = None
@@ -177,25 +193,14 @@ class SplitWriter:
 
 
 def iter_shard(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(key, ids)`` for each document of one shard, in order, with plain tarfile."""
+    """Yield ``(key, ids)`` for each document of one shard, in order: a view of the loader's
+    parser (``dataset.shard_members``), the ids read-only views of the shard's bytes."""
     try:
-        with tarfile.open(path, "r|") as tar:
-            for member in tar:
-                key, _, ext = member.name.partition(".")
-                if ext != "npy" or not member.isfile():
-                    raise DataError(
-                        f"shard {path} holds unexpected member {member.name!r}; "
-                        f"rebuild the dataset with pretrain-data build"
-                    )
-                data = tar.extractfile(member).read()
-                yield key, np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
-    except DataError:
-        raise
-    except (OSError, tarfile.TarError, ValueError) as e:
-        raise DataError(
-            f"cannot read shard {path} (truncated or corrupt: {e}); run pretrain-data verify "
-            f"on the dataset, then restore the shard or rebuild the dataset"
-        ) from e
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read shard {path} ({e}); {SHARD_FIX}") from None
+    for member in shard_members(data, path):
+        yield member.key, member_ids(data, member)
 
 
 def write_manifest(path: Path, records: list[ShardRecord]) -> None:
@@ -208,13 +213,16 @@ def read_manifest(dataset_dir: str | Path) -> list[ShardRecord]:
     """The manifest rows of a dataset, in order (train shards, then val shards)."""
     path = Path(dataset_dir) / MANIFEST_FILE
     try:
-        table = pq.read_table(path)
+        # ParquetFile, not read_table: read_table imports pyarrow.dataset and pandas (about 1 s
+        # of every rank's start-up, benchmarks/startup.py) to read this one small file.
+        table = pq.ParquetFile(path).read()
     except (OSError, pa.ArrowException) as e:
         raise DataError(f"cannot read {path}: {e}; the dataset is incomplete, rebuild it") from e
-    missing = set(MANIFEST_SCHEMA.names) - set(table.column_names)
+    missing = set(MANIFEST_SCHEMA.names) - set(OPTIONAL_COLUMNS) - set(table.column_names)
     if missing:
         raise DataError(f"{path} lacks columns {sorted(missing)}; rebuild the dataset")
-    return [ShardRecord(**{k: row[k] for k in MANIFEST_SCHEMA.names}) for row in table.to_pylist()]
+    names = [k for k in MANIFEST_SCHEMA.names if k in table.column_names]
+    return [ShardRecord(**{k: row[k] for k in names}) for row in table.to_pylist()]
 
 
 def write_dataset_info(dataset_dir: Path, info: dict) -> None:
@@ -380,6 +388,8 @@ def verify(dataset_dir: str | Path) -> VerifyReport:
                 f"{shard_tokens} tokens, the manifest says {record.documents} and "
                 f"{record.tokens}; rebuild the dataset"
             )
+        if record.index_sha256 is not None:
+            check_index(path, record.index_sha256, record.index_bytes)
         total_bytes += size
         documents += shard_documents
         tokens += shard_tokens
@@ -409,3 +419,22 @@ def _check_shard_ids(
         documents += 1
         tokens += ids.size
     return documents, tokens
+
+
+def add_range_indexes(dataset_dir: str | Path, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Write the range index of every shard of a dataset built before indexes existed, and
+    its manifest columns, so ranks read only their byte ranges; returns the shards indexed.
+    Each shard is first checked against the manifest's size and sha256. The fingerprint does
+    not change: it covers the shards, and an index is a function of its shard."""
+    root = Path(dataset_dir)
+    records = read_manifest(root)
+    updated = []
+    for record in records:
+        path = root / record.shard
+        data = path.read_bytes()
+        check_digest(path, len(data), hashlib.sha256(data).hexdigest(), record.bytes,
+                     record.sha256)  # fmt: skip
+        size, sha256 = write_index(path, data, chunk_bytes)
+        updated.append(replace(record, index_sha256=sha256, index_bytes=size))
+    write_manifest(root / MANIFEST_FILE, updated)
+    return len(updated)

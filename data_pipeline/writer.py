@@ -204,12 +204,16 @@ def reusable(out: Path, key: str) -> dict | None:
     if not (out / DATASET_JSON).is_file():
         return None
     try:
-        info, _ = check_complete(out)
+        info, records = check_complete(out)
     except DataError as e:
         log.info("replacing the incomplete dataset at %s (%s)", out, e)
         return None
     if info.get("build_key") != key:
         log.info("replacing the dataset at %s: its inputs or settings differ", out)
+        return None
+    if any(r.index_sha256 is None for r in records):
+        # Without range indexes every rank would read whole shards (data_pipeline.range_reads).
+        log.info("replacing the dataset at %s: it was built before shard range indexes", out)
         return None
     return info
 

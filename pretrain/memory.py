@@ -164,6 +164,52 @@ class ActivationMeter:
         self._ctx.__exit__(*exc)
 
 
+def process_peaks(device: torch.device) -> list[float]:
+    """This process's peak resident set and (on a GPU) peak CUDA allocation, in MiB."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    cuda = torch.cuda.max_memory_allocated(device) / MiB if device.type == "cuda" else 0.0
+    return [rss, cuda]
+
+
+def peaks_over_ranks(layout: Any) -> dict[str, float]:
+    """Peak memory of every rank, gathered (a collective: every rank calls it at the same
+    step): the largest and smallest peak resident set and the rank holding the largest, and
+    the same for CUDA allocations on a GPU. The busiest rank is the one that runs out first,
+    and with pipeline stages or ZeRO partitions the ranks differ."""
+    import torch.distributed as dist
+
+    mine = torch.tensor(process_peaks(layout.device), dtype=torch.float64, device=layout.device)
+    if layout.world_size > 1:
+        parts = [torch.empty_like(mine) for _ in range(layout.world_size)]
+        dist.all_gather(parts, mine)
+        table = torch.stack(parts).cpu()
+    else:
+        table = mine.cpu().unsqueeze(0)
+    out: dict[str, float] = {}
+    kinds = ["rss"] + (["cuda"] if layout.device.type == "cuda" else [])
+    for col, kind in enumerate(kinds):
+        peak = table[:, col]
+        out[f"memory_{kind}_peak_mib_max"] = float(peak.max())
+        out[f"memory_{kind}_peak_mib_min"] = float(peak.min())
+        out[f"memory_{kind}_peak_rank"] = float(int(peak.argmax()))
+    return out
+
+
+def peaks_text(figures: dict[str, float]) -> str:
+    """'peak RSS 812 MiB (rank 3; min 790)', and the CUDA figure where there is one."""
+    parts = []
+    for kind, name in (("rss", "RSS"), ("cuda", "CUDA")):
+        if f"memory_{kind}_peak_mib_max" in figures:
+            parts.append(
+                f"peak {name} {figures[f'memory_{kind}_peak_mib_max']:,.0f} MiB (rank "
+                f"{int(figures[f'memory_{kind}_peak_rank'])}; min "
+                f"{figures[f'memory_{kind}_peak_mib_min']:,.0f})"
+            )
+    return ", ".join(parts)
+
+
 def format_line(figures: dict[str, float]) -> str:
     line = (
         f"memory per rank: params {figures['memory_params_mib']:.1f} MiB, "

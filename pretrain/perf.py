@@ -176,13 +176,18 @@ class PerfHook:
             metrics["model_tflops"] = achieved / 1e12
             if self.peak:
                 metrics["mfu"] = mfu(self.fpt, metrics["tokens_per_s"], self.peak, self.devices)
+            from pretrain.memory import peaks_over_ranks, peaks_text
+
+            # Every rank is here on a log step (ProgressHook measured it on each): one gather.
+            peaks = peaks_over_ranks(trainer.layout)
+            metrics.update(peaks)
             if trainer.layout.is_main:
                 mfu_text = f"MFU {metrics['mfu']:.1%}" if "mfu" in metrics else "MFU n/a"
                 self.print(
                     f"step {step:>6} | perf: data {split['data'] * 1e3:.1f} ms, fwd+bwd "
                     f"{metrics['time_fwd_bwd_s'] * 1e3:.1f} ms, optimizer "
                     f"{split['optimizer'] * 1e3:.1f} ms, comm {split['comm'] * 1e3:.1f} ms | "
-                    f"{achieved / 1e9:,.2f} GFLOP/s | {mfu_text}",
+                    f"{achieved / 1e9:,.2f} GFLOP/s | {mfu_text} | {peaks_text(peaks)}",
                     flush=True,
                 )
             self.sums = dict.fromkeys(self.sums, 0.0)

@@ -148,7 +148,8 @@ class StepGuard:
         flags = torch.tensor(
             [float(stop_wanted), float(bad), float(spike)], device=self.layout.device
         )
-        dist.all_reduce(flags)
+        if self.layout.world_size > 1:  # over one rank the all-reduce is the identity
+            dist.all_reduce(flags)
         stop, nonfinite, spike_any = (bool(v > 0) for v in flags.tolist())
         self.stop, self.nonfinite, self.decided = stop, nonfinite, True
         self.spike = spike_any and not nonfinite

@@ -279,6 +279,9 @@ class Trainer:
             # hold [decayed, not decayed].
             group["weight_decay"] = o.weight_decay if group.get("decay", i == 0) else 0.0
             group["initial_lr"] = o.lr
+            # The kernel as configured now, not as saved (torch restores the saved flags).
+            group["foreach"] = True if o.implementation == "foreach" else None
+            group["fused"] = True if o.implementation == "fused" else None
         for group, base, fn in zip(groups, sched.base_lrs, sched.lr_lambdas, strict=True):
             group["lr"] = base * fn(sched.last_epoch)
         sched._last_lr = [group["lr"] for group in groups]

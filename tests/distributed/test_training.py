@@ -40,6 +40,9 @@ COMMON = [
 ]
 
 
+EXTRA_MIB = 400  # rank 1 of `straight` holds this much more resident memory (worker.py)
+
+
 def launch(tmp: Path, name: str, data: str, *overrides: str) -> list[dict]:
     return launching.launch(
         tmp, name, "configs/tiny.yaml", f"data.path={data}", *COMMON, *overrides
@@ -50,7 +53,14 @@ def launch(tmp: Path, name: str, data: str, *overrides: str) -> list[dict]:
 def runs(tmp_path_factory, small_dataset):
     tmp = tmp_path_factory.mktemp("dist")
     r = {"tmp": tmp}
-    r["straight"] = launch(tmp, "straight", small_dataset)
+    r["straight"] = launching.launch(
+        tmp,
+        "straight",
+        "configs/tiny.yaml",
+        f"data.path={small_dataset}",
+        *COMMON,
+        env={"EXTRA_MEMORY": f"1:{EXTRA_MIB}"},
+    )
     r["first"] = launch(tmp, "split", small_dataset, "run.exit_after_steps=10")
     r["resumed"] = launch(tmp, "split", small_dataset, "run.resume=auto")
     ckpt10 = tmp / "runs" / "split" / "checkpoints" / "step_00000010"
@@ -228,3 +238,12 @@ def test_memory_per_rank_is_printed_and_tracked(runs):
     assert metrics["grads"][0].value > 0 and metrics["activations_peak"][0].value > 0
     log = (runs["tmp"] / "runs" / "straight" / "train.log").read_text()
     assert "memory per rank: params " in log and "(step 1)" in log
+    # Peak memory of every rank, gathered on each log step: rank 1 holds EXTRA_MIB more, so it
+    # must be named the busiest, by about that margin (rank 0's own figure alone cannot see it).
+    peaks = {
+        k: [m.value for m in client.get_metric_history(run.info.run_id, f"memory_rss_peak_{k}")]
+        for k in ("mib_max", "mib_min", "rank")
+    }
+    assert len(peaks["rank"]) == 4 and set(peaks["rank"]) == {1.0}, peaks
+    assert all(hi - lo > 0.8 * EXTRA_MIB for hi, lo in zip(peaks["mib_max"], peaks["mib_min"]))
+    assert "| peak RSS " in log and "MiB (rank 1; min " in log

@@ -78,6 +78,13 @@ def main() -> None:
     record_first_update(out)
     if os.environ.get("DROP_MICRO_BATCH_GRADIENT") == "1":
         drop_first_micro_batch_gradient()
+    # EXTRA_MEMORY=R:MiB: rank R holds that much more resident memory for the whole run, so a
+    # per-rank memory report must name it (numbers of the run are untouched).
+    rank_mib = os.environ.get("EXTRA_MEMORY")
+    ballast = None
+    if rank_mib and int(rank_mib.split(":")[0]) == int(os.environ.get("RANK", 0)):
+        ballast = bytearray(int(rank_mib.split(":")[1]) * 2**20)
+        ballast[:: 4096] = b"\1" * len(ballast[:: 4096])  # touch every page: resident
     try:
         trainer = run(cfg, info, resume_from, layout)
     except CheckpointError as e:  # as pretrain.train.main reports it: one line, exit status 2
@@ -97,6 +104,7 @@ def main() -> None:
         "zero_stage": trainer.engine.zero_optimization_stage(),
         "grad_norms": [m["grad_norm"] for m in trainer.history],
     }
+    del ballast
     write_records(out, record, layout)
 
 
