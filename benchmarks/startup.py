@@ -8,6 +8,12 @@ Two measurements in one go:
    whole launch, repeated ROUNDS times; the median of each.
 2. The reference, in fresh single processes of the same interpreter: `import torch` alone, and
    the imports a rank needs before it can train (torch, DeepSpeed, megatron-core, our trainer).
+3. What was removed from start-up, before and after in the same run: each round also launches
+   the same run with the removed imports put back into every rank (MLflow, which DeepSpeed's
+   autotuner imported, and pyarrow.dataset with pandas, which the manifest reader imported;
+   see pretrain/startup_imports.py), through a sitecustomize module on PYTHONPATH. The two
+   kinds alternate, so both see the same load. CPU time is the launch's and all its
+   processes' (user + system), steadier than wall time on a shared machine.
 
 usage: python benchmarks/startup.py [--data DIR] [--rounds N]
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -39,8 +46,23 @@ def timed_python(code: str) -> float:
     return time.perf_counter() - t
 
 
-def one_launch(data: str, runs: Path, i: int) -> tuple[float, float, dict[str, float]]:
-    t = time.perf_counter()
+# Run by every process of a "before" launch at interpreter start; only the ranks (torchrun sets
+# LOCAL_RANK for them) import what start-up no longer imports.
+PUT_BACK = """import os
+if "LOCAL_RANK" in os.environ:
+    import mlflow, pyarrow.dataset
+"""
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def one_launch(
+    data: str, runs: Path, i: int | str, env: dict[str, str] | None = None
+) -> tuple[float, float, dict[str, float], float]:
+    t, cpu = time.perf_counter(), _children_cpu()
     proc = subprocess.run(
         [
             str(LAUNCH),
@@ -58,9 +80,9 @@ def one_launch(data: str, runs: Path, i: int) -> tuple[float, float, dict[str, f
         cwd=ROOT,
         capture_output=True,
         text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
     )
-    wall = time.perf_counter() - t
+    wall, cpu = time.perf_counter() - t, _children_cpu() - cpu
     m = STARTUP.search(proc.stdout)
     if proc.returncode != 0 or m is None:
         sys.exit(f"launch failed:\n{proc.stdout}\n{proc.stderr}")
@@ -68,7 +90,7 @@ def one_launch(data: str, runs: Path, i: int) -> tuple[float, float, dict[str, f
     for part in m.group(2).split(", "):
         name, seconds = part.rsplit(" ", 1)
         phases[name] = float(seconds)
-    return wall, float(m.group(1)), phases
+    return wall, float(m.group(1)), phases, cpu
 
 
 def main() -> None:
@@ -79,7 +101,14 @@ def main() -> None:
     torch_import = statistics.median(timed_python("import torch") for _ in range(args.rounds))
     rank_imports = statistics.median(timed_python(RANK_IMPORTS) for _ in range(args.rounds))
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [one_launch(args.data, Path(tmp), i) for i in range(args.rounds)]
+        put_back = Path(tmp) / "put_back"
+        put_back.mkdir()
+        (put_back / "sitecustomize.py").write_text(PUT_BACK)
+        path = os.pathsep.join(p for p in (str(put_back), os.environ.get("PYTHONPATH")) if p)
+        runs, before = [], []
+        for i in range(args.rounds):
+            runs.append(one_launch(args.data, Path(tmp), i))
+            before.append(one_launch(args.data, Path(tmp), f"before{i}", {"PYTHONPATH": path}))
     wall = statistics.median(r[0] for r in runs)
     startup = statistics.median(r[1] for r in runs)
     names = list(runs[0][2])
@@ -91,6 +120,10 @@ def main() -> None:
     for name in names:
         s = statistics.median(r[2][name] for r in runs)
         print(f"| {name} | {s:.1f} | {s / torch_import:.2f} |")
+    print("removed imports put back (before) against as is (after), medians:")
+    for what, k in (("start-up", 1), ("launch CPU time", 3), ("launch wall time", 0)):
+        a, b = statistics.median(r[k] for r in runs), statistics.median(r[k] for r in before)
+        print(f"  {what}: before {b:.1f} s, after {a:.1f} s, after/before {a / b:.2f}")
 
 
 if __name__ == "__main__":

@@ -109,7 +109,11 @@ def parser() -> argparse.ArgumentParser:
     }
     for name, example in examples.items():
         s.add_argument(f"--{name}", default=None, help=f"sbatch --{name}, e.g. --{name} {example}")
-    s.add_argument("--job-name", default=None, help="sbatch job name (default: the run name)")
+    s.add_argument(
+        "--job-name",
+        default=None,
+        help="sbatch job name, e.g. --job-name lr-sweep (default: the run name)",
+    )
     s.add_argument("--exclusive", action="store_true", help="whole nodes (sbatch --exclusive)")
     s.add_argument(
         "--sbatch",
@@ -143,8 +147,8 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=120,
         metavar="S",
-        help="seconds between the preemption warning (USR1) and the time limit, to save "
-        "(default 120)",
+        help="seconds between the preemption warning (USR1) and the time limit, to save, "
+        "e.g. --signal-lead 300 (default 120)",
     )
     s.add_argument(
         "--no-requeue", action="store_true", help="do not requeue the job after a preemption"

@@ -90,6 +90,28 @@ def _has_env(pid: int, entry: str) -> bool:
         return False
 
 
+def pass_on(parent: int, sig: int, signalled: set[int]) -> None:
+    """Send `sig` to each child of `parent` (the ranks of a torchrun agent) whose stop handler
+    is in place and that has not had it yet; those signalled are added to `signalled`."""
+    for pid in children(parent):
+        # The ranks catch SIGTERM only once their stop handler is set (Python leaves it
+        # at its default); before that a signal would kill the rank or raise in it.
+        if pid not in signalled and catches(pid, signal.SIGTERM):
+            try:
+                os.kill(pid, sig)
+                signalled.add(pid)
+            except ProcessLookupError:
+                pass
+
+
+def kill(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _become_subreaper() -> None:
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1)
@@ -126,26 +148,14 @@ class Supervisor:
         """Pass the stop request to each rank whose stop handler is in place."""
         if self.requested is None or self.killed is not None or self.proc is None:
             return
-        for pid in children(self.proc.pid):
-            # The ranks catch SIGTERM only once their stop handler is set (Python leaves it
-            # at its default); before that a signal would kill the rank or raise in it.
-            if pid not in self.signalled and catches(pid, signal.SIGTERM):
-                # The ranks stop on SIGTERM, SIGUSR1 and SIGINT; a hang-up asks as SIGTERM.
-                sig = signal.SIGTERM if self.requested == signal.SIGHUP else self.requested
-                try:
-                    os.kill(pid, sig)
-                    self.signalled.add(pid)
-                except ProcessLookupError:
-                    pass
+        # The ranks stop on SIGTERM, SIGUSR1 and SIGINT; a hang-up asks as SIGTERM.
+        sig = signal.SIGTERM if self.requested == signal.SIGHUP else self.requested
+        pass_on(self.proc.pid, sig, self.signalled)
 
     def _kill_tree(self) -> None:
         if self.proc is None:
             return
-        for pid in [self.proc.pid, *descendants(self.proc.pid)]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill([self.proc.pid, *descendants(self.proc.pid)])
 
     def _relay(self, stream) -> None:
         """Ranks' stderr lines to ours as they come; torchrun's own lines held back."""

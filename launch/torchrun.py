@@ -28,8 +28,9 @@ class Topology:
 def torchrun_command(
     config_path: str, overrides: list[str], topo: Topology, python: str = sys.executable
 ) -> list[str]:
-    """The argv that starts this node's ranks of a training run."""
-    cmd = [python, "-m", "torch.distributed.run", f"--nproc-per-node={topo.nproc_per_node}"]
+    """The argv that starts this node's ranks of a training run: torchrun through
+    launch.agent, so a stop signal sent to it saves and exits 0."""
+    cmd = [python, "-m", "launch.agent", f"--nproc-per-node={topo.nproc_per_node}"]
     if topo.nnodes == 1:
         cmd.append("--standalone")  # a private rendezvous on a free local port
     else:

@@ -121,6 +121,16 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The pretrain-train entry point."""
+    from pretrain.environment import RUN_DEFAULTS, environ_defaults, single_process_world
+
+    # DeepSpeed's engine (LOCAL_RANK, while it trains) and MLflow (at every request) read these
+    # only from the environment: the entry point sets them for the run, never library code.
+    with environ_defaults({**RUN_DEFAULTS, **single_process_world()}):
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     from pretrain import lifecycle
 
     # First, before the slow imports: a stop asked for while the rank starts is kept for the
@@ -134,9 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     life.clock.mark("imports and checks")
     from pretrain import distributed
     from pretrain.reliability import PeerFailure
+    from pretrain.startup_imports import deepspeed_without_mlflow
 
     fresh = not cfg.run.run_dir.exists()
-    layout = distributed.setup(cfg)
+    with deepspeed_without_mlflow():  # DeepSpeed is first imported in setup()
+        layout = distributed.setup(cfg)
     life.clock.mark("process groups")
     try:
         trainer = run(cfg, info, resume_from, layout, life)

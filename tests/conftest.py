@@ -39,6 +39,25 @@ def small_dataset(tmp_path_factory) -> str:
     return str(out)
 
 
+@pytest.fixture(scope="session")
+def bytes_dataset(tmp_path_factory) -> str:
+    """The same modules with the byte tokenizer (359 ids): a character-level corpus on which
+    tiny models keep improving past the unigram loss within a few hundred steps."""
+    from data_pipeline.build import build
+
+    out = tmp_path_factory.mktemp("data") / "stdlib_small_bytes"
+    build(
+        corpus_files(),
+        out,
+        tokenizer="bytes",
+        shard_tokens=20_000,
+        val_fraction=0.1,
+        seed=0,
+        progress=False,
+    )
+    return str(out)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

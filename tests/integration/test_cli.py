@@ -60,7 +60,7 @@ def _after(cmd: list[str], *seq: str) -> bool:
 def test_launch_dry_run_single_node(capsys, no_launch):
     cmd = dry_run(capsys, TINY, "--nproc-per-node", "2", "run.train_steps=5")
     assert cmd[0] == sys.executable
-    assert _after(cmd, "-m", "torch.distributed.run")
+    assert _after(cmd, "-m", "launch.agent")  # torchrun, a stop signal to it exits 0
     assert "--nproc-per-node=2" in cmd
     assert "--standalone" in cmd
     assert not any(a.startswith(("--nnodes", "--node-rank", "--master-addr")) for a in cmd)

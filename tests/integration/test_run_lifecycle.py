@@ -54,13 +54,14 @@ def leftovers(mark: str) -> list[str]:
 class Launch:
     """`pretrain-launch` in a real process, its output read as it comes."""
 
-    def __init__(self, *args: str, nproc: int = 2):
+    def __init__(self, *args: str, nproc: int = 2, cmd: list[str] | None = None):
+        """`cmd` instead of pretrain-launch: a torchrun command started without it."""
         self.mark = uuid.uuid4().hex
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
         self.proc = subprocess.Popen(
-            [str(BIN / "pretrain-launch"), TINY, "--nproc-per-node", str(nproc), *args],
+            cmd or [str(BIN / "pretrain-launch"), TINY, "--nproc-per-node", str(nproc), *args],
             cwd=REPO,
-            env={**env, MARK: self.mark},
+            env={"OMP_NUM_THREADS": "1", **env, MARK: self.mark},  # as pretrain-launch sets it
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -319,7 +320,7 @@ def test_sigint_during_start_up_stops_after_one_step_and_saves(small_dataset, tm
     the ranks stop at the first step boundary with a checkpoint, and everything exits 0."""
     runs = tmp_path / "runs"
     launch = Launch(*run_args(Path(small_dataset), runs, "early", "data.num_workers=2"))
-    launch.wait_for_process("torch.distributed.run")
+    launch.wait_for_process("launch.agent")
     assert not any("start-up:" in line for line in launch.out)  # no rank trains yet
     launch.signal(signal.SIGINT)
     assert launch.finish() == 0, launch.text()
@@ -342,6 +343,26 @@ def test_second_sigint_stops_everything_at_once(small_dataset, tmp_path):
 
 
 @pytest.mark.slow
+def test_sigterm_to_torchrun_itself_saves_and_exits_0(small_dataset, tmp_path):
+    """Slurm, or a user who runs the generated torchrun command without pretrain-launch,
+    signals torchrun itself (launch.agent): every rank saves, torchrun exits 0, no traceback,
+    no process left. Plain `torch.distributed.run` exits 1 with a traceback here."""
+    from launch.torchrun import Topology, torchrun_command
+
+    runs = tmp_path / "runs"
+    args = run_args(Path(small_dataset), runs, "direct", "data.num_workers=2", "run.log_interval=1")
+    cmd = torchrun_command(TINY, [*args, "run.train_steps=100000"], Topology(nproc_per_node=2))
+    launch = Launch(cmd=cmd)
+    launch.wait_for(r"step +2/")
+    launch.signal(signal.SIGTERM)
+    assert launch.finish() == 0, launch.text()
+    assert "Traceback" not in launch.text(), launch.text()
+    ckpts = sorted((runs / "direct" / "checkpoints").glob("step_*"))
+    assert len(ckpts) == 1 and (ckpts[0] / "COMPLETE").is_file(), launch.text()
+    assert f"stopped at step {int(ckpts[0].name[5:])}: received SIGTERM" in "".join(launch.out)
+
+
+@pytest.mark.slow
 def test_corrupt_shard_with_ids_in_range_is_one_error(small_dataset, tmp_path):
     """A flipped bit that keeps every id in range: the checksum on first read catches it, in
     a loader worker; one line, exit 2, no run folder, no process left."""
@@ -354,5 +375,5 @@ def test_corrupt_shard_with_ids_in_range_is_one_error(small_dataset, tmp_path):
     line = assert_one_error_line(
         rc, "".join(launch.err), "train-", "corrupt", "pretrain-data verify"
     )
-    assert "sha256" in line
+    assert "crc32" in line  # the range reader's chunk checksum (data_pipeline.range_reads)
     assert not (runs / "flipped").exists(), launch.text()

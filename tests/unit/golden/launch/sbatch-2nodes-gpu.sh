@@ -37,15 +37,19 @@ head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 port=$((29500 + SLURM_JOB_ID % 1000))
 echo "$(date +%FT%T) job $SLURM_JOB_ID start $restart on $SLURM_JOB_NODELIST: head node $head_node:$port, logs $log-node*.log"
 
-# Runs once on every node (srun). torchrun's agent ignores USR1, whose default action
-# would kill it and orphan the ranks; the ranks install their own handler and save.
+# Runs once on every node (srun). The agent (launch.agent) passes USR1 on to the
+# ranks; ignored until its handler is set, USR1 cannot kill it and orphan them.
 run_node() {
     is_host=$([ "$SLURM_NODEID" = 0 ] && echo 1 || echo 0)
-    (trap '' USR1; exec /venv/bin/python -m torch.distributed.run --nproc-per-node=8 --nnodes=2 --node-rank="$SLURM_NODEID" --rdzv-backend=c10d --rdzv-endpoint="$head_node":"$port" --rdzv-id="$SLURM_JOB_ID-$restart" --rdzv-conf=is_host="$is_host" -m pretrain.train "${train_args[@]}") &
+    (trap '' USR1; exec /venv/bin/python -m launch.agent --nproc-per-node=8 --nnodes=2 --node-rank="$SLURM_NODEID" --rdzv-backend=c10d --rdzv-endpoint="$head_node":"$port" --rdzv-id="$SLURM_JOB_ID-$restart" --rdzv-conf=is_host="$is_host" -m pretrain.train "${train_args[@]}") &
     agent=$!
     # proctrack/linuxproc and cgroup signal every process of the step; where a plugin
     # signals only this shell, pass USR1 on to the ranks (the agent's children).
     trap 'pkill -USR1 -P "$agent"' USR1
+    # SIGTERM (scancel, a time limit) reaches the agent too, which stops the ranks. This
+    # shell stays: dead, it would leave the agent to init, out of reach of Slurm's
+    # SIGKILL after KillWait (proctrack/linuxproc follows parent pids).
+    trap ':' TERM
     while true; do
         wait "$agent"; rc=$?
         kill -0 "$agent" 2>/dev/null || return "$rc"  # else a trapped signal woke wait
