@@ -253,4 +253,8 @@ def recompute_table() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from pretrain.environment import environ_defaults, single_process_world
+
+    # DeepSpeed's engine reads LOCAL_RANK from the environment (torchrun's, absent here).
+    with environ_defaults(single_process_world()):
+        main()

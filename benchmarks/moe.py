@@ -134,4 +134,8 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from pretrain.environment import environ_defaults, single_process_world
+
+    # DeepSpeed's engine reads LOCAL_RANK from the environment (torchrun's, absent here).
+    with environ_defaults(single_process_world()):
+        main(sys.argv[1:])

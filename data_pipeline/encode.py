@@ -7,26 +7,25 @@ the output is the same whatever the number of workers, and at most IN_FLIGHT_PER
 chunks per worker are read ahead, so memory stays flat whatever the number of documents (a
 chunk holds at least one whole document, so the largest document sets the ceiling).
 
-Each worker is single-threaded (TOKENIZERS_PARALLELISM=false): one worker is one core, and
-the workers do not fight the Rust thread pool over the same cores. ``workers=1`` encodes in
-the calling process, also on one thread.
+Each worker is single-threaded (TOKENIZERS_PARALLELISM=false, set in the worker process
+only): one worker is one core, and the workers do not fight the Rust thread pool over the same
+cores. ``workers=1`` is one such worker process, which keeps the caller's environment untouched.
+The byte tokenizer involves no thread pool (numpy) and always encodes in the calling process.
+The processes are data_pipeline.workers' OrderedWorkers, the loader's pool.
 """
 
 from __future__ import annotations
 
-import contextlib
-import multiprocessing
 import os
-import signal
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
 from data_pipeline.tokenizer import Tokenizer
+from data_pipeline.workers import OrderedWorkers
 
 # About half a megabyte of text per task: big enough that the inter-process traffic is a
 # small share of the work, small enough to balance the load across workers.
@@ -39,9 +38,22 @@ Tag = TypeVar("Tag")
 # One chunk's result: the documents' lengths (int64) and their ids, concatenated.
 Encoded = tuple[np.ndarray, np.ndarray]
 
-# Per-process state of a pool worker only: set once by ``_start_worker`` (the pool's
-# initializer) so a task need not carry the tokenizer; the main process never sets it.
-_worker_state: dict[str, Any] = {}
+
+class ChunkEncoder:
+    """What a worker runs on each chunk: texts -> (lengths, ids).
+
+    It carries the tokenizer as its tokenizer.json bytes, so it pickles small where workers are
+    spawned, and builds the tokenizer once per worker process, on its first chunk.
+    """
+
+    def __init__(self, json_bytes: bytes, dtype: np.dtype):
+        self.json_bytes, self.dtype = json_bytes, np.dtype(dtype)
+        self._tokenizer: Tokenizer | None = None
+
+    def __call__(self, texts: list[str]) -> Encoded:
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer(self.json_bytes, origin="<worker>")
+        return self._tokenizer.encode_flat(texts, self.dtype)
 
 
 def available_cores() -> int:
@@ -60,29 +72,35 @@ def encode_in_order(
     """Encode each ``(tag, texts)`` chunk, yielding ``(tag, (lengths, ids))`` in input order."""
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
-    if workers == 1:
+    if tok.is_byte_tokenizer:
         for tag, texts in chunks:
-            with _single_threaded():
-                encoded = tok.encode_flat(texts, dtype)
-            yield tag, encoded
+            yield tag, tok.encode_flat(texts, dtype)
         return
-    pool = ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=multiprocessing.get_context(_start_method()),
-        initializer=_start_worker,
-        initargs=(tok.json_bytes, np.dtype(dtype).str),
+    # The tags stay here: a chunk's results come back in submission order, so the oldest tag
+    # is always the one of the next result.
+    tags: deque[Tag] = deque()
+
+    def texts_of_chunks() -> Iterator[list[str]]:
+        for tag, texts in chunks:
+            tags.append(tag)
+            yield texts
+
+    pool = OrderedWorkers(
+        ChunkEncoder(tok.json_bytes, dtype),
+        workers,
+        prefetch=IN_FLIGHT_PER_WORKER,
+        start_method=_start_method(),
+        env={PARALLELISM_ENV: "false"},
+        role="tokenizer worker",
+        memory_hint="--workers",
     )
     try:
-        pending: deque[tuple[Tag, Future[Encoded]]] = deque()
-        for tag, texts in chunks:
-            pending.append((tag, pool.submit(_encode_task, texts)))
-            if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
-                yield _next_result(pending)
-        while pending:
-            yield _next_result(pending)
+        for encoded in pool.map(texts_of_chunks()):
+            yield tags.popleft(), encoded
     finally:
-        # An error or an abandoned generator must not wait for chunks nobody will read.
-        pool.shutdown(wait=True, cancel_futures=True)
+        # An error or an abandoned generator stops the workers too: they leave once their queued
+        # chunks are done, or are terminated after OrderedWorkers.close waits 5 s for that.
+        pool.close()
 
 
 def _start_method() -> str:
@@ -96,12 +114,6 @@ def _start_method() -> str:
     hence spawn there.
     """
     return "fork" if sys.platform.startswith("linux") else "spawn"
-
-
-def _next_result(pending: deque[tuple[Tag, Future[Encoded]]]) -> tuple[Tag, Encoded]:
-    """The oldest submitted chunk's result (waiting for it): this is what keeps the order."""
-    tag, future = pending.popleft()
-    return tag, future.result()
 
 
 def chunk_documents(
@@ -123,32 +135,3 @@ def chunk_documents(
             chunk, size = [], 0
     if chunk:
         yield position(), chunk
-
-
-@contextlib.contextmanager
-def _single_threaded() -> Iterator[None]:
-    """Keep the tokenizers thread pool off for one call in this process, then restore."""
-    previous = os.environ.get(PARALLELISM_ENV)
-    os.environ[PARALLELISM_ENV] = "false"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[PARALLELISM_ENV]
-        else:
-            os.environ[PARALLELISM_ENV] = previous
-
-
-def _start_worker(json_bytes: bytes, dtype: str) -> None:
-    """Pool initializer: one single-threaded tokenizer per worker process."""
-    # Ctrl-C reaches the whole process group: the main process handles it (it stops the pool
-    # and removes the half-written dataset); a traceback from every worker would only bury
-    # its one-line message.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    os.environ[PARALLELISM_ENV] = "false"
-    _worker_state["tokenizer"] = Tokenizer(json_bytes, origin="<worker>")
-    _worker_state["dtype"] = np.dtype(dtype)
-
-
-def _encode_task(texts: list[str]) -> Encoded:
-    return _worker_state["tokenizer"].encode_flat(texts, _worker_state["dtype"])

@@ -1,4 +1,7 @@
-"""Loader worker processes: a function mapped over a stream of tasks, results in task order.
+"""Worker processes: a function mapped over a stream of tasks, results in task order.
+
+The one worker pool of the project: the training data loader makes batches with it, and
+`pretrain-data build` encodes text with it (data_pipeline.encode).
 
 Task k of a stream goes to worker k % n (round robin), so the workers share the work without
 overlap; each worker answers its tasks in the order it got them on a queue of its own, so the
@@ -20,16 +23,22 @@ import time
 import traceback
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from data_pipeline.errors import DataError
 
 POLL_S = 1.0  # how often a waiting side checks that the other is still alive
 PR_SET_PDEATHSIG = 1  # prctl(2)
+_END = object()  # the end of a task stream (None is the workers' own stop message)
 
 
-def _worker_main(fn: Callable[[Any], Any], tasks: Any, results: Any, parent: int) -> None:
+def _worker_main(
+    fn: Callable[[Any], Any], tasks: Any, results: Any, parent: int, env: Mapping[str, str]
+) -> None:
+    # Settings for this worker only (e.g. a single-threaded tokenizer): set here, in the
+    # child, so the parent's environment is never changed.
+    os.environ.update(env)
     # A forked worker inherits the trainer's stop handlers, which would turn the terminate()
     # of close() into a no-op; stops are the parent's business (it closes us), so SIGINT and
     # SIGUSR1 are ignored and SIGTERM kills.
@@ -92,7 +101,11 @@ def _shutdown(processes: list[Any], task_queues: list[Any], result_queues: list[
 
 
 class OrderedWorkers:
-    """`fn` mapped over a task iterator by `num_workers` processes, results in order."""
+    """`fn` mapped over a task iterator by `num_workers` processes, results in order.
+
+    `env`: environment variables set in each worker process (never in the parent). `role` and
+    `memory_hint` name the workers and the settings to lower in the error of a dead worker.
+    """
 
     def __init__(
         self,
@@ -100,10 +113,15 @@ class OrderedWorkers:
         num_workers: int,
         prefetch: int = 2,
         start_method: str | None = None,
+        env: Mapping[str, str] | None = None,
+        role: str = "data loader worker",
+        memory_hint: str = "data.num_workers, data.prefetch or data.shuffle_window",
     ):
         if num_workers < 1 or prefetch < 1:
             raise ValueError("num_workers and prefetch must be >= 1")
         self.fn, self.num_workers, self.prefetch = fn, num_workers, prefetch
+        self.env = dict(env or {})
+        self.role, self.memory_hint = role, memory_hint
         # fork starts a worker in milliseconds and shares the parent's imports; spawn is the
         # fallback where fork does not exist.
         methods = mp.get_all_start_methods()
@@ -122,8 +140,8 @@ class OrderedWorkers:
             tasks, results = ctx.Queue(), ctx.Queue()
             p = ctx.Process(  # type: ignore[attr-defined]
                 target=_worker_main,
-                args=(self.fn, tasks, results, os.getpid()),
-                name=f"loader-worker-{i}",
+                args=(self.fn, tasks, results, os.getpid(), self.env),
+                name=f"{self.role.replace(' ', '-')}-{i}",
                 daemon=True,
             )
             p.start()
@@ -143,18 +161,38 @@ class OrderedWorkers:
         self._tasks = tasks
 
     def next(self) -> Any:
-        """The result of the next task of the stream (DataError from a worker is re-raised)."""
+        """The result of the next task of the stream (DataError from a worker is re-raised);
+        StopIteration once the stream has ended and every result has been taken."""
         while len(self._in_flight) < self.num_workers * self.prefetch:
+            task = next(self._tasks, _END)
+            if task is _END:
+                break
             w = self._next_worker
-            self._tasks_q[w].put(next(self._tasks))
+            self._tasks_q[w].put(task)
             self._in_flight.append(w)
             self._next_worker = (w + 1) % self.num_workers
-        kind, value = self._receive(self._in_flight.popleft())
+        if not self._in_flight:
+            raise StopIteration
+        kind, value = self._receive(self._oldest())
         if kind == "data":
             raise DataError(value)
         if kind != "ok":
-            raise RuntimeError(f"a data loader worker failed:\n{value}")
+            raise RuntimeError(f"a {self.role} failed:\n{value}")
         return value
+
+    def map(self, tasks: Iterable[Any]) -> Iterator[Any]:
+        """The results of a finite task stream, in task order (a new stream, as `start`)."""
+        self.start(iter(tasks))
+        while True:
+            try:
+                result = self.next()
+            except StopIteration:
+                return
+            yield result
+
+    def _oldest(self) -> int:
+        """The worker of the oldest unanswered task: waiting on it is what keeps the order."""
+        return self._in_flight.popleft()
 
     def _receive(self, w: int) -> tuple[str, Any]:
         while True:
@@ -164,9 +202,8 @@ class OrderedWorkers:
                 p = self._processes[w]
                 if not p.is_alive():
                     raise RuntimeError(
-                        f"data loader worker {w} (pid {p.pid}) exited with code {p.exitcode}; "
-                        f"if it was killed for memory, lower data.num_workers, data.prefetch "
-                        f"or data.shuffle_window"
+                        f"{self.role} {w} (pid {p.pid}) exited with code {p.exitcode}; "
+                        f"if it was killed for memory, lower {self.memory_hint}"
                     ) from None
 
     def close(self) -> None:

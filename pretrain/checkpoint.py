@@ -466,18 +466,24 @@ def load(
     from pretrain import reshard
 
     meta = json.loads((path / COMPLETE).read_text())
-    change = layout_change(meta, cfg, layout.dp_size) if cfg is not None else []
+    if cfg is None:
+        # Without the run's config only the process layout is known: the rest is as saved, and
+        # a change can only be refused, not resharded.
+        saved = reshard.layout_of(meta)
+        here = {"tp": layout.tp_size, "pp": layout.pp_size, "dp": layout.dp_size}
+        change = reshard.changes(saved, {**saved, **here})
+        if change:
+            raise CheckpointError(
+                f"checkpoint {path} was saved with another layout ({', '.join(change)}): "
+                f"resume with the checkpoint's layout, or give the run's config to reshard it"
+            )
+    else:
+        change = layout_change(meta, cfg, layout.dp_size)
     if change:
         udir = reshard.ensure_universal(path)  # made in prepare(); here if it was not
     verify(path, layout)
-    if change:
+    if cfg is not None and change:
         return reshard.load_universal(engine, layout, cfg, udir, exclude), None
-    if meta["tp"] != layout.tp_size or meta["pp"] != layout.pp_size:
-        raise CheckpointError(
-            f"checkpoint {path} was saved with tp={meta['tp']}, pp={meta['pp']}; this run has "
-            f"tp={layout.tp_size}, pp={layout.pp_size}: resume with the same model-parallel "
-            f"layout"
-        )
     load_path, client_state = engine.load_checkpoint(
         str(path.parent),
         tag=path.name,

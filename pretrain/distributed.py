@@ -59,18 +59,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _single_process_env() -> None:
-    """Let `python -m pretrain.train` run without torchrun: a world of one on loopback."""
+def _rendezvous() -> dict[str, Any]:
+    """torch.distributed's rendezvous: torchrun's environment (env://) under a launcher, else a
+    world of one on loopback, given explicitly so that no environment variable is set."""
     if "RANK" in os.environ:
-        return
-    os.environ.update(
-        RANK="0",
-        LOCAL_RANK="0",
-        WORLD_SIZE="1",
-        LOCAL_WORLD_SIZE="1",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
-    )
+        return {}
+    return {
+        "init_method": f"tcp://127.0.0.1:{_free_port()}",
+        "rank": 0,
+        "world_size": 1,
+        "auto_mpi_discovery": False,  # DeepSpeed would look for MPI when RANK is unset
+    }
 
 
 def resolve_device(cfg: Config, local_rank: int) -> torch.device:
@@ -91,11 +90,25 @@ def _backend(cfg: Config, device: torch.device) -> str:
     return backend
 
 
+def _choose_accelerator(name: str) -> None:
+    """DeepSpeed's accelerator, where the environment does not name one (DS_ACCELERATOR).
+
+    DeepSpeed reads DS_ACCELERATOR only in its first get_accelerator() call (during its import)
+    and keeps the choice for the process: the variable is set just around that call, then
+    removed."""
+    from pretrain.environment import environ_defaults
+
+    with environ_defaults({"DS_ACCELERATOR": name}):
+        from deepspeed.accelerator import get_accelerator
+
+        get_accelerator()
+
+
 def _quiet_cpu_deepspeed() -> None:
     """On CPU DeepSpeed JIT-compiles a shared-memory all-reduce op at init (about 30 s, and a
     compiler). gloo is all we need, so mark that op unavailable before DeepSpeed probes for it;
     DeepSpeed keeps this dict for the process and documents that edits to it persist."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    _choose_accelerator("cpu")
     import deepspeed.ops
 
     if "__compatible_ops__" not in vars(deepspeed.ops):
@@ -103,8 +116,10 @@ def _quiet_cpu_deepspeed() -> None:
 
 
 def setup(cfg: Config) -> Layout:
-    """Validate the layout, start the process groups and return this rank's Layout."""
-    _single_process_env()
+    """Validate the layout, start the process groups and return this rank's Layout.
+
+    Without a launcher (no RANK in the environment) this is a world of one; the environment
+    is left as it is (DeepSpeed's engine still needs LOCAL_RANK: see pretrain.environment)."""
     world_size, rank = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
     dp_size, grad_accum = cfg.parallel.layout(world_size)  # raises before any group exists
@@ -112,7 +127,7 @@ def setup(cfg: Config) -> Layout:
     backend = _backend(cfg, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        os.environ.setdefault("DS_ACCELERATOR", "cuda")
+        _choose_accelerator("cuda")
     else:
         _quiet_cpu_deepspeed()
 
@@ -123,7 +138,7 @@ def setup(cfg: Config) -> Layout:
     # to reliability.collective_timeout_s after the first step (pretrain.reliability).
     startup = cfg.reliability.startup_timeout_s
     deepspeed.init_distributed(
-        dist_backend=backend, verbose=False, timeout=timedelta(seconds=startup)
+        dist_backend=backend, verbose=False, timeout=timedelta(seconds=startup), **_rendezvous()
     )
     ps.initialize_model_parallel(
         tensor_model_parallel_size=cfg.parallel.tp,

@@ -163,8 +163,8 @@ def route_warnings() -> WarningLog:
             )
 
     warnings.showwarning = show
-    # MLflow sets its logger's level when imported, from this variable (default INFO).
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # MLflow's own level at its import comes from MLFLOW_LOGGING_LEVEL, which the entry point
+    # sets (pretrain.environment.RUN_DEFAULTS); this covers an MLflow imported before.
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     return sink

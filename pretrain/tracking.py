@@ -181,11 +181,8 @@ class Tracker:
             return
         from pretrain.tracking_outbox import Outbox
 
-        if self.uri.startswith(("http://", "https://")):
-            # The outbox retries on its own terms; MLflow's default (7 retries with backoff,
-            # minutes) would hold every queued record behind one dead request.
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        # MLflow's request retries and timeout come from the environment only: the entry point
+        # sets them for the run (pretrain.environment.RUN_DEFAULTS), not this library code.
         self.outbox = Outbox(self._connect, self._send_metrics, self.uri)
         tags = dict(tags or {})
         if branched_from is not None:

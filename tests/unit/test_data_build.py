@@ -55,6 +55,7 @@ from data_pipeline.tokenizer import (
     byte_symbols,
     sentinel_token,
 )
+from data_pipeline.workers import OrderedWorkers
 from data_pipeline.writer import assign_splits, in_val_split
 
 # Above the 359 that 256 bytes and the 103 special tokens take.
@@ -535,12 +536,8 @@ def test_parallel_workers_write_identical_bytes(
     assert _tree(tmp_path / "one") == _tree(tmp_path / "two")
     assert one.fingerprint == two.fingerprint
 
-    # Negative control: a pool that hands back the newest chunk first changes the bytes.
-    def newest_first(pending):
-        tag, future = pending.pop()
-        return tag, future.result()
-
-    monkeypatch.setattr(encode, "_next_result", newest_first)
+    # Negative control: a pool that waits on the newest chunk's worker first changes the bytes.
+    monkeypatch.setattr(OrderedWorkers, "_oldest", lambda self: self._in_flight.pop())
     shuffled = _build(corpus[0], tmp_path / "shuffled", tokenizer=tok, vocab_size=None, workers=2)
     assert shuffled.fingerprint != one.fingerprint
     assert _tree(tmp_path / "shuffled") != _tree(tmp_path / "one")
