@@ -14,43 +14,137 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pretrain.config import ConfigError
-from pretrain.scaling.spec import Spec, load_spec
+
+if TYPE_CHECKING:  # spec imports torch (pretrain.optim): not for --help
+    from pretrain.scaling.spec import Spec
+
+SWEEP_EXAMPLES = {
+    "plan": "example:\n  pretrain-sweep plan configs/sweeps/tiny.yaml",
+    "run": "examples:\n"
+    "  pretrain-sweep run configs/sweeps/tiny.yaml\n"
+    "  pretrain-sweep run configs/sweeps/tiny.yaml run.log_interval=50 --output-dir /scratch/sw\n"
+    "  pretrain-sweep run configs/sweeps/tiny.yaml --slurm --partition gpu --gpus-per-node 8 "
+    "--time 4:00:00 --dry-run",
+    "fit": "examples:\n"
+    "  pretrain-sweep fit configs/sweeps/tiny.yaml --budget 1e18\n"
+    "  pretrain-sweep fit configs/sweeps/tiny.yaml --bootstrap 0 --metric loss",
+}
+SWEEP_HELP = {
+    "plan": "print the grid and its estimated time; trains nothing",
+    "run": "train the unfinished points, here one after another or with --slurm as job arrays",
+    "fit": "fit the scaling laws to the finished runs, write fit.json and plots",
+}
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pretrain-sweep",
         description=__doc__,
+        epilog="examples:\n" + "\n".join(text.splitlines()[1] for text in SWEEP_EXAMPLES.values()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in ("plan", "run", "fit"):
-        s = sub.add_parser(name)
-        s.add_argument("spec", help="sweep spec YAML (configs/sweeps/)")
-        s.add_argument("overrides", nargs="*", help="dotted overrides of the base config")
-        s.add_argument("--output-dir", default=None, help="replaces the spec's output_dir")
+        s = sub.add_parser(
+            name,
+            help=SWEEP_HELP[name],
+            description=SWEEP_HELP[name],
+            epilog=SWEEP_EXAMPLES[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        s.add_argument(
+            "spec", help="the sweep spec YAML, e.g. configs/sweeps/tiny.yaml (see configs/sweeps/)"
+        )
+        s.add_argument(
+            "overrides",
+            nargs="*",
+            help="dotted overrides of the spec's base config, e.g. run.log_interval=50",
+        )
+        s.add_argument(
+            "--output-dir",
+            default=None,
+            metavar="DIR",
+            help="replaces the spec's output_dir, e.g. --output-dir /scratch/sweeps",
+        )
         if name == "run":
-            s.add_argument("--slurm", action="store_true", help="submit Slurm job arrays")
-            s.add_argument("--dry-run", action="store_true", help="with --slurm: print scripts")
-            for opt in ("partition", "account", "qos", "time"):
-                s.add_argument(f"--{opt}", default=None)
-            s.add_argument("--gpus-per-node", type=int, default=0)
-            s.add_argument("--array-limit", type=int, default=None)
-            s.add_argument("--setup", action="append", default=[], help="a shell line before srun")
-            s.add_argument("--env", action="append", default=[], help="KEY=VALUE on every node")
+            s.add_argument(
+                "--slurm",
+                action="store_true",
+                help="submit Slurm job arrays (launch.slurm) instead of training here",
+            )
+            s.add_argument(
+                "--dry-run",
+                action="store_true",
+                help="with --slurm: print the batch scripts instead of submitting them",
+            )
+            examples = {"partition": "gpu", "account": "myproject", "qos": "high"}
+            for opt, example in examples.items():
+                s.add_argument(
+                    f"--{opt}",
+                    default=None,
+                    help=f"with --slurm: sbatch --{opt}, e.g. --{opt} {example}",
+                )
+            s.add_argument(
+                "--time",
+                default=None,
+                help="with --slurm: each array task's time limit, e.g. --time 4:00:00",
+            )
+            s.add_argument(
+                "--gpus-per-node",
+                type=int,
+                default=0,
+                metavar="N",
+                help="with --slurm: GPUs per node, e.g. 8 (default 0: CPU nodes)",
+            )
+            s.add_argument(
+                "--array-limit",
+                type=int,
+                default=None,
+                metavar="N",
+                help="with --slurm: array tasks running at once, e.g. 4 (default: no limit)",
+            )
+            s.add_argument(
+                "--setup",
+                action="append",
+                default=[],
+                metavar="LINE",
+                help="with --slurm: a shell line before srun, repeatable, "
+                "e.g. --setup 'module load cuda'",
+            )
+            s.add_argument(
+                "--env",
+                action="append",
+                default=[],
+                metavar="KEY=VALUE",
+                help="with --slurm: environment on every node, repeatable, "
+                "e.g. --env NCCL_DEBUG=WARN",
+            )
         if name == "fit":
             s.add_argument(
                 "--budget",
                 type=float,
                 default=None,
-                help="training FLOPs to give the compute-optimal N and D for",
+                metavar="FLOPS",
+                help="training FLOPs to give the compute-optimal N and D for, e.g. --budget 1e18",
             )
-            s.add_argument("--bootstrap", type=int, default=200, help="resamples (0: none)")
-            s.add_argument("--metric", default="val_loss", help="the MLflow metric fitted")
+            s.add_argument(
+                "--bootstrap",
+                type=int,
+                default=200,
+                metavar="N",
+                help="bootstrap resamples for the intervals, e.g. --bootstrap 1000 "
+                "(default 200; 0: none)",
+            )
+            s.add_argument(
+                "--metric",
+                default="val_loss",
+                help="the MLflow metric fitted, e.g. --metric loss (default val_loss)",
+            )
     return p
 
 
@@ -212,6 +306,8 @@ def fit(spec: Spec, budget: float | None, samples: int, metric: str, say=print) 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from pretrain.scaling.spec import load_spec
+
     try:
         spec = load_spec(
             args.spec, args.overrides, _vocab(Path(args.spec), args.overrides), args.output_dir

@@ -1,6 +1,7 @@
 """Scaling-law fits recover the laws that generated their data: losses from the published
 Chinchilla fit (Hoffmann et al. 2022: E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28) on an
-IsoFLOP grid of 8 sizes x 6 compute budgets, with 1% noise."""
+IsoFLOP grid of 8 sizes x 6 compute budgets, and on a much wider IsoFLOP grid (the only kind on
+which A and B are recovered within 5% at 1% noise), with 1% noise."""
 
 from __future__ import annotations
 
@@ -56,6 +57,52 @@ def test_approach3_at_one_percent_noise():
     n_opt, d_opt = fit.optimal(1e21)
     assert ci["N_opt (approach 3)"][0] <= n_opt <= ci["N_opt (approach 3)"][1]
     assert n_opt * d_opt * 6 == pytest.approx(1e21)
+
+
+SEEDS = range(10)
+
+
+def wide_isoflop_grid(noise: float, seed: int, flops_per_param_token: float = 6.0):
+    """13 IsoFLOP budgets 1e12..1e24 FLOPs, 13 sizes per budget from 1/30 to 30x its
+    compute-optimal N (5e3 to 1.3e12 parameters, 3e4 to 1.3e14 tokens). The losses come from
+    D = C / 6N; `flops_per_param_token` is the count the observations' D is computed with."""
+    t = TRUE
+    g = (t["alpha"] * t["A"] / (t["beta"] * t["B"])) ** (1 / (t["alpha"] + t["beta"]))
+    rng = np.random.default_rng(seed)
+    obs = []
+    for c in np.logspace(12, 24, 13):
+        n_opt = g * (c / 6) ** (t["beta"] / (t["alpha"] + t["beta"]))
+        for n in n_opt * np.logspace(-1.5, 1.5, 13):
+            loss = t["E"] + t["A"] / n ** t["alpha"] + t["B"] / (c / (6 * n)) ** t["beta"]
+            d = c / (flops_per_param_token * n)
+            obs.append(Observation("", n, d, c, loss * (1 + noise * rng.standard_normal()), c))
+    return obs
+
+
+def recovered_on_every_seed(flops_per_param_token: float = 6.0) -> dict[int, dict]:
+    """The seeds whose 1%-noise fit misses some parameter by 5% or more, with their errors."""
+    misses = {}
+    for seed in SEEDS:
+        fit = fits.approach3(wide_isoflop_grid(0.01, seed, flops_per_param_token))
+        err = rel_err(fit, TRUE)
+        if max(err.values()) >= 0.05:
+            misses[seed] = err
+    return misses
+
+
+def test_approach3_recovers_every_parameter_at_one_percent_noise_on_a_wide_grid():
+    """The issue's bar, every parameter within 5% at 1% noise, on each of 10 noise draws. It
+    needs a grid far wider than Chinchilla's 70M..16B: A and B are the power laws' values at
+    N = 1 and D = 1, extrapolated ~20 e-folds from the data, so on Chinchilla's range even the
+    Cramer-Rao bound on A is ~30% (benchmarks/scaling_fit_recovery.py, docs/scaling-laws.md)."""
+    misses = recovered_on_every_seed()
+    assert not misses, misses
+
+
+def test_wide_grid_bar_catches_a_wrong_flops_count():
+    """Negative control: the same grid with D computed from C = 8ND while the losses follow
+    C = 6ND (a FLOPs count with a wrong constant) misses the bar: B absorbs (6/8)^beta."""
+    assert len(recovered_on_every_seed(flops_per_param_token=8.0)) >= 5
 
 
 def test_approach3_follows_the_data_not_the_published_values():
