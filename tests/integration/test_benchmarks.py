@@ -44,6 +44,15 @@ def test_e2e_parity_and_dp_scaling_quick(small_dataset, capsys):
 
 
 @pytest.mark.slow
+def test_parity_breakdown_quick(capsys):
+    import parity_breakdown
+
+    ratios = parity_breakdown.main(["--steps", "2", "--repeats", "1"])
+    assert set(ratios) == {"plain", "model", "engine"} and ratios["plain"] == 1.0
+    assert "| engine |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_speed_options_quick(small_dataset, capsys):
     import speed_options
 
