@@ -4,8 +4,8 @@ optional torch.profiler trace.
 MFU = achieved model FLOP/s / peak FLOP/s of the devices: FLOPs per token from
 pretrain.models.flops (the one implementation), times tokens/s, over `world_size x peak`. The
 peak is `run.peak_flops` when set, else this table's dense figure for the detected GPU and the
-run's precision, else (CPU) an estimate: threads x clock x 32 FP32 FLOP per cycle (two 256-bit
-FMA pipes, what AVX2/AVX-512 x86 cores of this generation sustain).
+run's precision, else (CPU) an estimate: threads x clock x FP32 FLOP per cycle from the core's
+vector extensions (64 with AVX-512, 32 with AVX2 and FMA: two FMA pipes).
 
 The step split (PerfHook) times, on the host: waiting for the loader (`time_data_s`), the
 optimizer step (`time_optimizer_s`, DeepSpeed's `engine.step`), the gradient all-reduce where
@@ -31,16 +31,31 @@ GPU_PEAKS: list[tuple[str, dict[str, float]]] = [
     ("A10", {"bf16": 125e12, "fp32": 31.2e12}),
     ("V100", {"bf16": 125e12, "fp32": 15.7e12}),  # fp16 tensor cores; no bf16
 ]
-CPU_FLOP_PER_CYCLE = 32  # FP32: 2 FMA pipes x 8 lanes x 2 FLOP
 
 
-def cpu_clock_hz() -> float | None:
+def cpu_flop_per_cycle(cpuinfo: str) -> int:
+    """FP32 FLOP per cycle of one x86 core from its vector extensions: two FMA pipes of 16
+    lanes (AVX-512), or of 8 (AVX2 with FMA), 2 FLOP each; else SSE's 4 lanes, a multiply and
+    an add. (Some AVX-512 parts have one FMA pipe: set run.peak_flops for those.)"""
+    flags = (
+        set(re.findall(r"^flags\s*:(.*)$", cpuinfo, re.M)[0].split())
+        if "flags" in cpuinfo
+        else set()
+    )
+    if "avx512f" in flags:
+        return 64
+    if {"avx2", "fma"} <= flags:
+        return 32
+    return 8
+
+
+def cpu_clock_and_flop_per_cycle() -> tuple[float, int] | None:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return None
     match = re.search(r"cpu MHz\s*:\s*([\d.]+)", text)
-    return float(match.group(1)) * 1e6 if match else None
+    return (float(match.group(1)) * 1e6, cpu_flop_per_cycle(text)) if match else None
 
 
 def device_peak_flops(
@@ -52,11 +67,12 @@ def device_peak_flops(
             if key in device_name:
                 return peaks.get(precision), f"table: {key} {precision}"
         return None, f"no table entry for {device_name!r}; set run.peak_flops"
-    clock = cpu_clock_hz()
-    if clock is None:
+    known = cpu_clock_and_flop_per_cycle()
+    if known is None:
         return None, "CPU clock unknown; set run.peak_flops"
-    return threads * clock * CPU_FLOP_PER_CYCLE, (
-        f"estimate: {threads} thread(s) x {clock / 1e9:.2f} GHz x {CPU_FLOP_PER_CYCLE} FLOP/cycle"
+    clock, per_cycle = known
+    return threads * clock * per_cycle, (
+        f"estimate: {threads} thread(s) x {clock / 1e9:.2f} GHz x {per_cycle} FLOP/cycle"
     )
 
 

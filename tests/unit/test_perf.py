@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from pretrain.config import ModelConfig
 from pretrain.models.flops import flops_per_token
-from pretrain.perf import PerfHook, device_peak_flops, mfu
+from pretrain.perf import PerfHook, cpu_flop_per_cycle, device_peak_flops, mfu
 
 DENSE = ModelConfig(n_layers=2, d_model=64, n_heads=4, seq_len=32, vocab_size=512)
 
@@ -40,6 +40,11 @@ def test_device_peaks():
     assert device_peak_flops("cuda", "bf16", "NVIDIA A100-SXM4-80GB")[0] == 312e12
     peak, why = device_peak_flops("cuda", "bf16", "Mystery GPU")
     assert peak is None and "run.peak_flops" in why
+    # FLOP per cycle from /proc/cpuinfo's flags (the first processor's line).
+    avx512 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma avx512f avx512bw\ncpu MHz\t: 2600\n"
+    assert cpu_flop_per_cycle(avx512) == 64
+    assert cpu_flop_per_cycle(avx512.replace(" avx512f avx512bw", "")) == 32
+    assert cpu_flop_per_cycle(avx512.replace(" fma avx512f avx512bw", "")) == 8
     cpu1, _ = device_peak_flops("cpu", "fp32", threads=1)
     cpu2, _ = device_peak_flops("cpu", "fp32", threads=2)
     if cpu1 is not None:
