@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -53,19 +52,16 @@ def _env_int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rendezvous() -> dict[str, Any]:
-    """torch.distributed's rendezvous: torchrun's environment (env://) under a launcher, else a
-    world of one on loopback, given explicitly so that no environment variable is set."""
-    if "RANK" in os.environ:
+    """torch.distributed's rendezvous: torchrun's environment (env://) for a world of several
+    ranks, else a world of one on loopback, given explicitly so that no variable is set."""
+    if _env_int("WORLD_SIZE", 1) > 1:
         return {}
+    # A world of one needs no shared store: its own, on a port it binds itself (port 0). Not
+    # MASTER_PORT: inherited from a parent process it may be that parent's store (seen:
+    # EADDRINUSE in the tests), and a port picked before binding can be taken meanwhile.
     return {
-        "init_method": f"tcp://127.0.0.1:{_free_port()}",
+        "init_method": "tcp://127.0.0.1:0",
         "rank": 0,
         "world_size": 1,
         "auto_mpi_discovery": False,  # DeepSpeed would look for MPI when RANK is unset

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 from collections.abc import Iterator, Mapping
 
 # What pretrain-train sets for its run where the environment does not say otherwise.
@@ -41,18 +40,10 @@ def environ_defaults(values: Mapping[str, str]) -> Iterator[None]:
 
 
 def single_process_world() -> dict[str, str]:
-    """torchrun's variables for a world of one on loopback, or nothing under a launcher (RANK
-    set): lets `python -m pretrain.train` and the benchmarks run without torchrun."""
+    """torchrun's rank variables for a world of one, or nothing under a launcher (RANK set):
+    lets `python -m pretrain.train` and the benchmarks run without torchrun."""
     if "RANK" in os.environ:
         return {}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return {
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_WORLD_SIZE": "1",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-    }
+    # No MASTER_ADDR/MASTER_PORT: pretrain.distributed then rendezvouses on a port its store
+    # binds itself (a port picked here would be free now and maybe taken by the time it binds).
+    return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}

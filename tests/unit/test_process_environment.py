@@ -42,7 +42,9 @@ def test_single_process_world_only_without_a_launcher(monkeypatch) -> None:
         monkeypatch.delenv(name, raising=False)
     world = single_process_world()
     assert (world["RANK"], world["LOCAL_RANK"], world["WORLD_SIZE"]) == ("0", "0", "1")
-    assert 0 < int(world["MASTER_PORT"]) < 65536
+    # No port: one picked here could be taken before the store binds it (EADDRINUSE seen
+    # under load); setup's store binds a free port itself.
+    assert "MASTER_PORT" not in world and "MASTER_ADDR" not in world
     monkeypatch.setenv("RANK", "3")
     assert single_process_world() == {}
 
