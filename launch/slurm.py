@@ -80,6 +80,9 @@ class SlurmOptions:
     max_restarts: int = 20  # a bound on requeues, so a run that never finishes stops
     array_limit: int | None = None  # concurrent array tasks
     port: int = 29500  # the rendezvous port on the head node is port + job id % 1000
+    # Shell lines run after training exited 0 without a stop signal, with $run_dir, $config and
+    # $train_args set; the first failing one fails the job (e.g. a sweep marks its point done).
+    on_success: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -350,6 +353,13 @@ def render_script(
         '    kill -0 "$step" 2>/dev/null || break  # else USR1 woke wait: wait for the save',
         "done",
         "",
+        *(
+            ['if [ "$preempted" = 0 ] && [ "$rc" = 0 ]; then']
+            + [f"    {line} || rc=$?" for line in opts.on_success]
+            + ["fi"]
+            if opts.on_success
+            else []
+        ),
         "# Preemption or time limit: the ranks saved and exited 0, so requeue and resume.",
         "# Anything else (a crash, a config error) ends here: requeueing would fail again.",
         'if [ "$preempted" = 1 ] && [ "$rc" = 0 ]; then',

@@ -10,6 +10,7 @@ with the sweep name, the point id and its N, D and C (tracking.parent_run_id, tr
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Any
 import yaml
 
 from pretrain.config import Config, from_dict
+from pretrain.scaling import done
+from pretrain.scaling.done import DONE_FILE, tag_for
 from pretrain.scaling.spec import Point, Spec, size_config
 
 PARENT_FILE = "parent_run_id"
@@ -35,7 +38,7 @@ def point_cfg(spec: Spec, pt: Point, parent_run_id: str | None) -> Config:
     if pt.branch_of is not None:
         source = spec.point(pt.branch_of)
         data["run"]["branch_from"] = str(
-            spec.sweep_dir / run_name(spec, source) / "checkpoints" / _tag(pt.branch_step)
+            spec.sweep_dir / run_name(spec, source) / "checkpoints" / tag_for(pt.branch_step)
         )
     if pt.save_every:
         data["checkpoint"].update(interval=pt.save_every, keep_every=pt.save_every)
@@ -53,21 +56,9 @@ def point_cfg(spec: Spec, pt: Point, parent_run_id: str | None) -> Config:
     return from_dict(data)
 
 
-def _tag(step: int) -> str:
-    return f"step_{step:08d}"  # pretrain.checkpoint.tag_for, without importing torch here
-
-
-DONE_FILE = "sweep-point-done"
-
-
 def at_final_step(spec: Spec, pt: Point) -> bool:
     """The point's live checkpoint is its final step (the trainer saves it at the end)."""
-    ckpt = spec.sweep_dir / run_name(spec, pt) / "checkpoints"
-    latest = ckpt / "latest"
-    if not latest.is_file():
-        return False
-    tag = latest.read_text().strip()
-    return tag == _tag(pt.steps) and (ckpt / tag / "COMPLETE").is_file()
+    return done.at_final_step(spec.sweep_dir / run_name(spec, pt), pt.steps)
 
 
 def is_done(spec: Spec, pt: Point) -> bool:
@@ -162,8 +153,8 @@ def run_local(spec: Spec, say=print) -> int:
                 stderr=subprocess.STDOUT,
                 env=env,
             )
-        if rc == 0 and at_final_step(spec, pt):
-            (spec.sweep_dir / run_name(spec, pt) / DONE_FILE).write_text("")
+        if rc == 0:
+            done.mark_if_final(spec.sweep_dir / run_name(spec, pt), pt.steps)
         if not is_done(spec, pt):
             say(
                 f"{pt.id}: stopped (exit {rc}) before its last step; see {logs / pt.id}.log, "
@@ -193,7 +184,11 @@ def submit_slurm(spec: Spec, opts: Any, dry_run: bool, say=print) -> int:
 
     from launch import slurm
 
-    parent = "DRY-RUN" if dry_run else parent_run(spec)
+    saved = spec.sweep_dir / PARENT_FILE
+    if not dry_run:
+        parent = parent_run(spec)
+    else:  # the configs it rewrites stay those of the real parent run, where there is one
+        parent = saved.read_text().strip() if saved.is_file() else "DRY-RUN"
     configs = write_configs(spec, parent)
     job = None
     for pts, dependent in slurm_jobs(spec, opts):
@@ -202,6 +197,12 @@ def submit_slurm(spec: Spec, opts: Any, dry_run: bool, say=print) -> int:
         o.job_name = o.job_name or f"{spec.name}{'-cooldown' if dependent else ''}"
         if dependent:
             o.extra.append(f"--dependency=afterok:{job or 'JOB_OF_FIRST_ARRAY'}")
+        # The marker a second `run --slurm` skips by (pretrain.scaling.done); it also fails a
+        # task whose training exited 0 short of its last step, so afterok holds its cooldowns.
+        o.on_success = [
+            *o.on_success,
+            f'{shlex.quote(sys.executable)} -m pretrain.scaling.done "${{train_args[@]}}"',
+        ]
         slurm.validate(runs, o)
         text = slurm.render_script(runs, o, Path.cwd())
         if dry_run:

@@ -144,6 +144,8 @@ def test_slurm_submission_is_two_arrays(tmp_path, capsys):
     assert "#SBATCH --array=0-1" in scripts[0] and "--dependency" not in scripts[0]
     assert "#SBATCH --array=0-3" in scripts[1]
     assert "#SBATCH --dependency=afterok:" in scripts[1]
+    # Each task marks its point done after a clean exit (run on Slurm: tests/slurm/).
+    assert all('-m pretrain.scaling.done "${train_args[@]}" || rc=$?' in s for s in scripts)
     assert (tmp_path / "out" / "ladder" / "configs" / "s-D1.28e+04.yaml").is_file()
 
 
