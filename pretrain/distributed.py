@@ -53,13 +53,13 @@ def _env_int(name: str, default: int) -> int:
 
 
 def _rendezvous() -> dict[str, Any]:
-    """torch.distributed's rendezvous: torchrun's environment (env://) for a world of several
-    ranks, else a world of one on loopback, given explicitly so that no variable is set."""
-    if _env_int("WORLD_SIZE", 1) > 1:
-        return {}
-    # A world of one needs no shared store: its own, on a port it binds itself (port 0). Not
-    # MASTER_PORT: inherited from a parent process it may be that parent's store (seen:
-    # EADDRINUSE in the tests), and a port picked before binding can be taken meanwhile.
+    """torch.distributed's rendezvous: torchrun's environment (env://) under torchrun or for a
+    world of several ranks, else a world of one on loopback, given explicitly."""
+    if _env_int("WORLD_SIZE", 1) > 1 or "TORCHELASTIC_RUN_ID" in os.environ:
+        return {}  # torchrun's: its workers join the agent's store (env://)
+    # A world of one without a launcher needs no shared store: its own, on a port it binds
+    # itself (port 0). Not MASTER_PORT: inherited from a parent process it may be that parent's
+    # store (seen: EADDRINUSE in the tests), and a port picked before binding can be taken.
     return {
         "init_method": "tcp://127.0.0.1:0",
         "rank": 0,
