@@ -89,6 +89,13 @@ class RunConfig:
         "torch.compile every transformer block (the first step compiles: tens of seconds on "
         "CPU; later steps run the compiled kernels). Not with ZeRO-3 or mixture of experts.",
     )
+    host_memory: Literal["reuse", "system"] = _f(
+        "reuse",
+        "How the process's C allocator (glibc) treats freed memory: 'reuse' keeps it for the "
+        "next step (allocations up to 32 MiB from the heap, never trimmed), where the default "
+        "returns each large block to the OS and the next step faults fresh pages in (about "
+        "3% of a small CPU run, docs/performance.md); 'system' leaves glibc's defaults.",
+    )
     profile_steps: list[int] = _f(
         [],
         "[a, b]: record a torch.profiler trace of steps a..b into the run directory "

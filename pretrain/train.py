@@ -142,6 +142,10 @@ def _main(argv: list[str] | None) -> int:
     except USER_ERRORS as e:  # every rank checks the same input: rank 0 speaks for all
         return lifecycle.report_error(str(e), rank, 2, same_on_every_rank=True)
     life.clock.mark("imports and checks")
+    if cfg.run.host_memory == "reuse":  # before the model and engine allocate anything large
+        from pretrain.host_memory import reuse_freed_memory
+
+        reuse_freed_memory()
     from pretrain import distributed
     from pretrain.reliability import PeerFailure
     from pretrain.startup_imports import deepspeed_without_mlflow

@@ -187,11 +187,11 @@ def row_linear(
 
 
 def plain_linear(layer: nn.Module, tpc: TensorParallel) -> bool:
-    """Whether a tensor-parallel linear layer runs as `F.linear` with its own weights: at TP=1,
-    where megatron's autograd function does the same products (bitwise equal outputs) through a
-    slower path (about 1.3x the time of F.linear's forward and backward on CPU,
-    benchmarks/tp1_kernels.py). ZeRO-3's partitioned weights keep the module call, whose hooks
-    gather them."""
+    """Whether a tensor-parallel linear layer (or embedding) runs as `F.linear` (`F.embedding`)
+    with its own weights: at TP=1, where megatron's autograd function does the same products
+    (bitwise equal outputs) through a slower path (about 1.3x the time of F.linear's forward and
+    backward on CPU, benchmarks/tp1_kernels.py). ZeRO-3's partitioned weights keep the module
+    call, whose hooks gather them."""
     return tpc.size == 1 and not hasattr(layer.weight, "ds_id")
 
 
@@ -241,8 +241,12 @@ def embed_tokens(
     group completes the lookup. megatron's `reduce_scatter_embeddings` does the same sum as a
     reduce-scatter, but through its CUDA-only mapping, hence the lookup written out here.
     """
+    if plain_linear(embed, tpc):  # TP=1: megatron's lookup plus an identity autograd function
+        return F.embedding(tokens_BS.t(), embed.weight)
     if not tpc.sequence_parallel:
-        return embed(tokens_BS).transpose(0, 1).contiguous()
+        # Looking up the transposed ids writes [s, b, d] directly: no transpose copy of the
+        # embeddings.
+        return embed(tokens_BS.t())
     outside = (tokens_BS < embed.vocab_start_index) | (tokens_BS >= embed.vocab_end_index)
     local = (tokens_BS - embed.vocab_start_index).masked_fill(outside, 0)
     x_BSD = F.embedding(local, embed.weight).masked_fill(outside.unsqueeze(-1), 0.0)
@@ -382,7 +386,7 @@ def lm_logits(
         # Every rank scores the whole sequence against its vocabulary slice; the gather's
         # backward sums the ranks' gradients and hands each its shard.
         h_SBD = gather_sequence(h_SBD, tpc.group)
-    elif head is None:
+    elif head is None and tpc.size > 1:
         # The tied projection reads the full hidden state on every TP rank; the copy makes the
         # backward pass all-reduce its gradient across the group (megatron's
         # parallel_lm_logits). The untied head does the same inside ColumnParallelLinear.
@@ -606,10 +610,16 @@ class Attention(nn.Module):
         if memory_SBD is None:
             qkv = column(self.qkv, x_SBD, self.tpc)
             s, b = qkv.shape[:2]
-            qkv_SBGPE = qkv.view(s, b, g, per + 2, e)
-            q_BHSE = self._heads(qkv_SBGPE[:, :, :, :per].reshape(s, b, -1), self.heads_local)
-            k_BGSE = qkv_SBGPE[:, :, :, per].permute(1, 2, 0, 3)
-            v_BGSE = qkv_SBGPE[:, :, :, per + 1].permute(1, 2, 0, 3)
+            # One copy into [b, s, ...] first: the attention kernels then read q, k and v with
+            # the sequence stride of one token, not of a whole [b, ...] row, and a single query
+            # per group needs no copy of its own (13% less time for the attention's forward
+            # and backward at configs/char.yaml's shapes, docs/performance.md). A split, not
+            # three selects: its backward is one concatenation of the three gradients, where
+            # each select's would zero-fill a whole qkv-sized tensor and add into it.
+            qkv_BSGPE = qkv.transpose(0, 1).reshape(b, s, g, per + 2, e)
+            q, k, v = qkv_BSGPE.split_with_sizes([per, 1, 1], dim=3)
+            q_BHSE = q.reshape(b, s, g * per, e).transpose(1, 2)
+            k_BGSE, v_BGSE = k.squeeze(3).transpose(1, 2), v.squeeze(3).transpose(1, 2)
         else:
             q_BHSE = self._heads(column(self.q, x_SBD, self.tpc), self.heads_local)
             if cache is not None and cache.k_BGKE is not None:  # the encoder's, projected once
@@ -727,9 +737,12 @@ class Block(nn.Module):
         self.recompute, self.recompute_interval = cfg.recompute, cfg.recompute_interval
 
     def _sub(self, x_SBD: torch.Tensor, norm: nn.Module, f: Callable) -> torch.Tensor:
+        # Without dropout the module call is skipped: it returns its input, after Python
+        # overhead that shows on small models.
+        drop = self.drop if self.drop.p > 0 else (lambda y: y)
         if self.pre_norm:
-            return x_SBD + self.drop(f(norm(x_SBD)))
-        return norm(x_SBD + self.drop(f(x_SBD)))
+            return x_SBD + drop(f(norm(x_SBD)))
+        return norm(x_SBD + drop(f(x_SBD)))
 
     def forward(
         self,
@@ -807,15 +820,20 @@ def lm_loss(
     the step's scored positions over all micro-batches and data-parallel ranks, divided by their
     number, so that after DeepSpeed's mean over micro-batches and ranks every token of the step
     weighs the same, however the batch was split (pretrain.steps.token_weights)."""
-    targets_SB = targets_BS.transpose(0, 1).contiguous()
+    targets_SB = targets_BS.t()
     if tpc.size == 1:
         # The whole vocabulary is here: torch's fused kernel, not megatron's three all-reduces
         # over a group of one and its unfused softmax (about 1.2x faster on CPU,
         # benchmarks/tp1_kernels.py; equal to it within float32 rounding, tests/unit/test_perf.py).
         logits_NV = logits_SBV.float().flatten(0, 1)
-        loss_SB = F.cross_entropy(logits_NV, targets_SB.flatten(), reduction="none")
+        if loss_mask_BS is None:  # every position scores: the kernel's own sum, no [s, b] losses
+            total = F.cross_entropy(logits_NV, targets_SB.reshape(-1), reduction="sum")
+            count = total.new_tensor(float(targets_SB.numel()))
+            return total / (count if loss_tokens is None else loss_tokens.to(total.dtype))
+        loss_SB = F.cross_entropy(logits_NV, targets_SB.reshape(-1), reduction="none")
         loss_SB = loss_SB.view(targets_SB.shape)
     else:
+        targets_SB = targets_SB.contiguous()
         # megatron's vocab_parallel_cross_entropy reduces over parallel_state's global TP
         # group, not the model's: a model built for another group would get a wrong loss.
         from megatron.core import parallel_state as ps

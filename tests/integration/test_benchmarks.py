@@ -53,6 +53,16 @@ def test_parity_breakdown_quick(capsys):
 
 
 @pytest.mark.slow
+def test_model_ab_quick(capsys):
+    import model_ab
+
+    ratio = model_ab.main(["--calls", "2", "--profile"])
+    assert ratio > 0
+    out = capsys.readouterr().out
+    assert "ours runs at" in out and "| aten::" in out
+
+
+@pytest.mark.slow
 def test_speed_options_quick(small_dataset, capsys):
     import speed_options
 
