@@ -124,20 +124,20 @@ def gpt_step(model: nn.Module, tokens_BS: torch.Tensor, caches: list) -> torch.T
     the context, the later ones one token each."""
     from pretrain.models.attention import AttentionMask, attention_mask
     from pretrain.models.collectives import gather_last_dim
-    from pretrain.models.layers import absolute_positions, embed_tokens
+    from pretrain.models.layers import absolute_positions, embed_tokens, stream_order
 
     offset, s = caches[0].self_attn.offset, tokens_BS.shape[1]
-    x_SBD = embed_tokens(model.embed, tokens_BS, model.tpc)
-    x_SBD = model.drop(absolute_positions(model, x_SBD, offset))
+    x_TD = embed_tokens(model.embed, tokens_BS, model.tpc)
+    x_TD = model.drop(absolute_positions(model, x_TD, offset))
     # One new token sees every cached key (a windowed layer's cache holds only its window).
     mask = AttentionMask()
     if offset == 0:
-        mask = attention_mask(s, s, causal=True, dtype=x_SBD.dtype, device=x_SBD.device)
+        mask = attention_mask(s, s, causal=True, dtype=x_TD.dtype, device=x_TD.device)
     for block, cache in zip(model.blocks, caches, strict=True):
-        x_SBD = block(x_SBD, mask, cache=cache)
+        x_TD = block(x_TD, mask, cache=cache)
     if model.ln_f is not None:
-        x_SBD = model.ln_f(x_SBD)
-    return gather_last_dim(model.logits_parallel(x_SBD), model.tpc.group).transpose(0, 1)
+        x_TD = model.ln_f(x_TD)
+    return stream_order(gather_last_dim(model.logits_parallel(x_TD), model.tpc.group), model.tpc)
 
 
 def t5_step(model: nn.Module, dec_BS: torch.Tensor, memory, caches: list) -> torch.Tensor:
@@ -145,21 +145,21 @@ def t5_step(model: nn.Module, dec_BS: torch.Tensor, memory, caches: list) -> tor
     cross-attention projects the encoder output once, on the first call."""
     from pretrain.models.attention import attention_mask
     from pretrain.models.collectives import gather_last_dim
-    from pretrain.models.layers import embed_tokens
+    from pretrain.models.layers import embed_tokens, stream_length, stream_order
 
     offset, s = caches[0].self_attn.offset, dec_BS.shape[1]
-    x_SBD = model.drop(embed_tokens(model.embed, dec_BS, model.tpc))
-    kw = dict(dtype=x_SBD.dtype, device=x_SBD.device)
+    x_TD = model.drop(embed_tokens(model.embed, dec_BS, model.tpc))
+    kw = dict(dtype=x_TD.dtype, device=x_TD.device)
     bias = model.dec_bias(s, offset + s, q_offset=offset)
     # The first call is causal over its tokens; a later single token sees all cached keys.
     self_mask = attention_mask(s, offset + s, causal=offset == 0, position_bias_1HQK=bias, **kw)
-    enc = memory.hidden_SBD
+    enc = memory.hidden_TD
     cross_mask = attention_mask(
-        s, enc.shape[0], causal=False, key_padding_BK=memory.padding_mask_BS, **kw
+        s, stream_length(enc, model.tpc), causal=False, key_padding_BK=memory.padding_mask_BS, **kw
     )
     for block, cache in zip(model.decoder, caches, strict=True):
-        x_SBD = block(x_SBD, self_mask, enc, cross_mask, cache=cache)
+        x_TD = block(x_TD, self_mask, enc, cross_mask, cache=cache)
     if model.dec_norm is not None:
-        x_SBD = model.dec_norm(x_SBD)
-    logits_SBV = model._logits_parallel(model.drop(x_SBD))
-    return gather_last_dim(logits_SBV, model.tpc.group).transpose(0, 1)
+        x_TD = model.dec_norm(x_TD)
+    logits_TV = model._logits_parallel(model.drop(x_TD))
+    return stream_order(gather_last_dim(logits_TV, model.tpc.group), model.tpc)

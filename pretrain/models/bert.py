@@ -107,28 +107,29 @@ class BERT(ParallelModel):
         self.out_bias = output_bias(cfg, tpc)
 
     def hidden(self, tokens_BS: torch.Tensor, padding_mask_BS: torch.Tensor | None = None):
-        """Encoder output [s, b, d] (this rank's shard under sequence parallelism)."""
+        """Encoder output [b, s, d] ([s / tp, b, d], this rank's shard, under sequence
+        parallelism)."""
         s = tokens_BS.shape[1]
         if s > self.cfg.seq_len:
             raise ValueError(f"sequence of {s} tokens exceeds model.seq_len={self.cfg.seq_len}")
-        x_SBD = embed_tokens(self.embed, tokens_BS, self.tpc)
-        x_SBD = self.drop(self.ln_embed(absolute_positions(self, x_SBD)))
+        x_TD = embed_tokens(self.embed, tokens_BS, self.tpc)
+        x_TD = self.drop(self.ln_embed(absolute_positions(self, x_TD)))
         mask = attention_mask(
             s,
             s,
             causal=False,
-            dtype=x_SBD.dtype,
-            device=x_SBD.device,
+            dtype=x_TD.dtype,
+            device=x_TD.device,
             key_padding_BK=padding_mask_BS,
             global_positions=stack_globals(self.cfg),
         )
-        x_SBD = run_blocks(self.blocks, x_SBD, mask)
-        return self.ln_f(x_SBD) if self.ln_f is not None else x_SBD
+        x_TD = run_blocks(self.blocks, x_TD, mask)
+        return self.ln_f(x_TD) if self.ln_f is not None else x_TD
 
-    def logits_parallel(self, h_SBD: torch.Tensor) -> torch.Tensor:
-        """MLM head: this rank's slice of the vocabulary logits [s, b, v / tp], all positions."""
-        h_SBD = self.head_norm(F.gelu(self.head_dense(h_SBD)))
-        return lm_logits(h_SBD, self.tpc, self.head, self.embed.weight) + self.out_bias
+    def logits_parallel(self, h_TD: torch.Tensor) -> torch.Tensor:
+        """MLM head: this rank's slice of the vocabulary logits [T, v / tp], all positions."""
+        h_TD = self.head_norm(F.gelu(self.head_dense(h_TD)))
+        return lm_logits(h_TD, self.tpc, self.head, self.embed.weight) + self.out_bias
 
     def forward(
         self,
@@ -151,7 +152,7 @@ class BERT(ParallelModel):
                 scored = torch.ones_like(targets, dtype=torch.float32)
                 loss_mask = pad_to_multiple(scored if loss_mask is None else loss_mask, pad)
                 targets = pad_to_multiple(targets, pad)
-        logits_SBV = self.logits_parallel(self.hidden(tokens, padding_mask))
+        logits_TV = self.logits_parallel(self.hidden(tokens, padding_mask))
         if targets is None:
-            return full_logits(logits_SBV, self.tpc, s)
-        return lm_loss(logits_SBV, targets, loss_mask, self.tpc, loss_tokens)
+            return full_logits(logits_TV, self.tpc, s)
+        return lm_loss(logits_TV, targets, loss_mask, self.tpc, loss_tokens)

@@ -67,7 +67,7 @@ class GPT(ParallelModel):
                 self.head = lm_head(cfg, tpc)
 
     def hidden(self, tokens_BS: torch.Tensor, doc_ids_BS: torch.Tensor | None = None):
-        """Final hidden states [s, b, d] (this rank's sequence shard under sequence
+        """Final hidden states [b, s, d] ([s / tp, b, d], this rank's sequence shard, under sequence
         parallelism) for token ids [b, s]."""
         s = tokens_BS.shape[1]
         if s > self.cfg.seq_len:
@@ -77,17 +77,18 @@ class GPT(ParallelModel):
                 f"sequence parallelism splits the sequence over {self.tpc.size} ranks; "
                 f"{s} tokens do not divide"
             )
-        x_SBD = embed_tokens(self.embed, tokens_BS, self.tpc)
-        x_SBD = self.drop(absolute_positions(self, x_SBD))
+        x_TD = embed_tokens(self.embed, tokens_BS, self.tpc)
+        x_TD = self.drop(absolute_positions(self, x_TD))
         mask = attention_mask(
-            s, s, causal=True, dtype=x_SBD.dtype, device=x_SBD.device, doc_ids_BS=doc_ids_BS
+            s, s, causal=True, dtype=x_TD.dtype, device=x_TD.device, doc_ids_BS=doc_ids_BS
         )
-        x_SBD = run_blocks(self.blocks, x_SBD, mask)
-        return self.ln_f(x_SBD) if self.ln_f is not None else x_SBD
+        x_TD = run_blocks(self.blocks, x_TD, mask)
+        return self.ln_f(x_TD) if self.ln_f is not None else x_TD
 
-    def logits_parallel(self, h_SBD: torch.Tensor) -> torch.Tensor:
-        """This rank's slice of the vocabulary logits, [s, b, v / tp], for the whole sequence."""
-        return lm_logits(h_SBD, self.tpc, self.head, self.embed.weight)
+    def logits_parallel(self, h_TD: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of the vocabulary logits, [T, v / tp] (layers.py), for the whole
+        sequence."""
+        return lm_logits(h_TD, self.tpc, self.head, self.embed.weight)
 
     def forward(
         self,
@@ -107,10 +108,10 @@ class GPT(ParallelModel):
         """
         if targets is None and self.tpc.sequence_parallel:
             return self._logits_any_length(tokens, doc_ids)
-        logits_SBV = self.logits_parallel(self.hidden(tokens, doc_ids))
+        logits_TV = self.logits_parallel(self.hidden(tokens, doc_ids))
         if targets is None:
-            return full_logits(logits_SBV, self.tpc)
-        return lm_loss(logits_SBV, targets, loss_mask, self.tpc, loss_tokens)
+            return full_logits(logits_TV, self.tpc)
+        return lm_loss(logits_TV, targets, loss_mask, self.tpc, loss_tokens)
 
     def _logits_any_length(self, tokens_BS: torch.Tensor, doc_ids_BS: torch.Tensor | None):
         """Logits for a prompt whose length need not divide by the TP size (generation under
@@ -126,5 +127,5 @@ class GPT(ParallelModel):
         tokens_BS = pad_to_multiple(tokens_BS, pad)
         if doc_ids_BS is not None:
             doc_ids_BS = pad_to_multiple(doc_ids_BS, pad, value=-1)
-        logits_SBV = self.logits_parallel(self.hidden(tokens_BS, doc_ids_BS))
-        return full_logits(logits_SBV, self.tpc, s)
+        logits_TV = self.logits_parallel(self.hidden(tokens_BS, doc_ids_BS))
+        return full_logits(logits_TV, self.tpc, s)

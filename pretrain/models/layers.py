@@ -1,10 +1,13 @@
 """Transformer building blocks, tensor-parallel through megatron-core layers.
 
-Activations use megatron's layout: sequence first, [s, b, d], because sequence parallelism
-shards the first dimension. Shape suffixes name dimensions:
-  S sequence (Q queries, K keys where they differ), B batch, D model width, H heads on this rank,
-  G key/value groups on this rank, E head size, F MLP width on this rank, V vocabulary rows on
-  this rank.
+The residual stream is [b, s, d], as in a plain PyTorch loop, where attention reads q, k and v
+from the projection's output and merges its heads without copies; under sequence parallelism it
+is megatron's [s, b, d], because sequence parallelism shards the first dimension
+(`TensorParallel.seq_first`, `stream_order`). Shape suffixes name dimensions:
+  S sequence (Q queries, K keys where they differ), B batch, T the stream's two token dimensions
+  in its order ([b, s], or [s, b] under sequence parallelism), D model width, H heads on this
+  rank, G key/value groups on this rank, E head size, F MLP width on this rank, V vocabulary
+  rows on this rank.
 At TP=1 every layer is a plain dense layer; at TP=n column-parallel layers hold 1/n of the output
 features (whole attention heads, whole key/value groups, whole MLP columns) and row-parallel
 layers sum their partial outputs over the group, so the model code does not change with the
@@ -105,6 +108,26 @@ class TensorParallel:
     def rank(self) -> int:
         return dist.get_rank(self.group) if self.size > 1 else 0
 
+    @property
+    def seq_first(self) -> bool:
+        """The residual stream's layout: [s, b, d] under sequence parallelism, whose
+        collectives shard the first dimension; [b, s, d] otherwise, where attention reads q, k
+        and v, and writes its output, without a copy."""
+        return self.sequence_parallel
+
+
+def stream_order(x: torch.Tensor, tpc: TensorParallel) -> torch.Tensor:
+    """A [b, s, ...] tensor in the residual stream's order (T), or a stream-ordered one back in
+    [b, s, ...]: a transposed view under sequence parallelism (the swap is its own inverse),
+    the tensor itself otherwise."""
+    return x.transpose(0, 1) if tpc.seq_first else x
+
+
+def stream_length(x_TD: torch.Tensor, tpc: TensorParallel) -> int:
+    """The full sequence length of a residual-stream tensor (of this rank's shard's sequence
+    times the TP size under sequence parallelism)."""
+    return x_TD.shape[0] * tpc.size if tpc.seq_first else x_TD.shape[1]
+
 
 def mark_sequence_parallel(*params: nn.Parameter | None) -> None:
     """Flag parameters that are replicated in the TP group but, under sequence parallelism, see
@@ -195,22 +218,22 @@ def plain_linear(layer: nn.Module, tpc: TensorParallel) -> bool:
     return tpc.size == 1 and not hasattr(layer.weight, "ds_id")
 
 
-def column(layer: tp.ColumnParallelLinear, x_SBD: torch.Tensor, tpc: TensorParallel):
+def column(layer: tp.ColumnParallelLinear, x_TD: torch.Tensor, tpc: TensorParallel):
     if plain_linear(layer, tpc):
-        return F.linear(x_SBD, layer.weight, layer.bias)
+        return F.linear(x_TD, layer.weight, layer.bias)
     if tpc.sequence_parallel:
-        x_SBD = gather_sequence(x_SBD, tpc.group)
-    out, _ = layer(x_SBD)
+        x_TD = gather_sequence(x_TD, tpc.group)
+    out, _ = layer(x_TD)
     return out
 
 
-def row(layer: tp.RowParallelLinear, x_SBF: torch.Tensor, tpc: TensorParallel):
+def row(layer: tp.RowParallelLinear, x_TF: torch.Tensor, tpc: TensorParallel):
     if plain_linear(layer, tpc):
-        return F.linear(x_SBF, layer.weight, layer.bias)
+        return F.linear(x_TF, layer.weight, layer.bias)
     if not tpc.sequence_parallel:
-        out, _ = layer(x_SBF)
+        out, _ = layer(x_TF)
         return out
-    out = reduce_scatter_sequence(F.linear(x_SBF, layer.weight), tpc.group)
+    out = reduce_scatter_sequence(F.linear(x_TF, layer.weight), tpc.group)
     return out + layer.bias if layer.bias is not None else out
 
 
@@ -235,22 +258,22 @@ def token_embedding(
 def embed_tokens(
     embed: tp.VocabParallelEmbedding, tokens_BS: torch.Tensor, tpc: TensorParallel
 ) -> torch.Tensor:
-    """Token ids [b, s] -> [s, b, d] (this rank's sequence shard under sequence parallelism).
+    """Token ids [b, s] -> the residual stream: [b, s, d], or [s / tp, b, d], this rank's
+    sequence shard, under sequence parallelism.
 
     Each rank looks up the ids of its vocabulary slice and zeroes the rest; the sum over the
     group completes the lookup. megatron's `reduce_scatter_embeddings` does the same sum as a
     reduce-scatter, but through its CUDA-only mapping, hence the lookup written out here.
     """
     if plain_linear(embed, tpc):  # TP=1: megatron's lookup plus an identity autograd function
-        return F.embedding(tokens_BS.t(), embed.weight)
+        return F.embedding(tokens_BS, embed.weight)
     if not tpc.sequence_parallel:
-        # Looking up the transposed ids writes [s, b, d] directly: no transpose copy of the
-        # embeddings.
-        return embed(tokens_BS.t())
+        return embed(tokens_BS)
     outside = (tokens_BS < embed.vocab_start_index) | (tokens_BS >= embed.vocab_end_index)
-    local = (tokens_BS - embed.vocab_start_index).masked_fill(outside, 0)
-    x_BSD = F.embedding(local, embed.weight).masked_fill(outside.unsqueeze(-1), 0.0)
-    return reduce_scatter_sequence(x_BSD.transpose(0, 1).contiguous(), tpc.group)
+    local = (tokens_BS - embed.vocab_start_index).masked_fill(outside, 0).t()
+    # Looking up the transposed ids writes [s, b, d] directly: no transpose copy.
+    x_SBD = F.embedding(local, embed.weight).masked_fill(outside.t().unsqueeze(-1), 0.0)
+    return reduce_scatter_sequence(x_SBD, tpc.group)
 
 
 def shard_positions(s: int, tpc: TensorParallel) -> slice:
@@ -349,17 +372,17 @@ class ParallelModel(nn.Module):
         return nn.ModuleList(blocks)
 
 
-def absolute_positions(m: nn.Module, x_SBD: torch.Tensor, offset: int = 0) -> torch.Tensor:
+def absolute_positions(m: nn.Module, x_TD: torch.Tensor, offset: int = 0) -> torch.Tensor:
     """Add a GPT's or BERT's absolute positions (`attach_positions` gave `m` its table) to the
     embedded tokens of this rank's shard; rotary and relative schemes add nothing here.
     `offset`: the first token's position (generation with a KV cache, whole sequences only)."""
     tpc: TensorParallel = m.tpc
-    s = x_SBD.shape[0] * (tpc.size if tpc.sequence_parallel else 1)
+    s = stream_length(x_TD, tpc)
     if m.pos_embed is not None:
-        return add_positions(x_SBD, m.pos_embed.weight, s, tpc, offset)
+        return add_positions(x_TD, m.pos_embed.weight, s, tpc, offset)
     if m.cfg.positions == "sinusoidal":
-        return add_positions(x_SBD, m.pos_table, s, tpc, offset)
-    return x_SBD
+        return add_positions(x_TD, m.pos_table, s, tpc, offset)
+    return x_TD
 
 
 def lm_head(cfg: ModelConfig, tpc: TensorParallel, std: float | None = None):
@@ -368,50 +391,50 @@ def lm_head(cfg: ModelConfig, tpc: TensorParallel, std: float | None = None):
     return column_linear(cfg.d_model, cfg.vocab_size, False, init, tpc)
 
 
-def full_logits(logits_SBV: torch.Tensor, tpc: TensorParallel, s: int | None = None):
+def full_logits(logits_TV: torch.Tensor, tpc: TensorParallel, s: int | None = None):
     """Every rank's vocabulary slice gathered into [b, s, v], less any sequence-parallel
     padding beyond the first `s` positions."""
-    return gather_last_dim(logits_SBV, tpc.group).transpose(0, 1)[:, :s]
+    return stream_order(gather_last_dim(logits_TV, tpc.group), tpc)[:, :s]
 
 
 def lm_logits(
-    h_SBD: torch.Tensor,
+    h_TD: torch.Tensor,
     tpc: TensorParallel,
     head: tp.ColumnParallelLinear | None = None,
     weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """This rank's slice of the vocabulary logits [s, b, v / tp] for the whole sequence, from an
+    """This rank's slice of the vocabulary logits [T, v / tp] for the whole sequence, from an
     untied column-parallel `head` or the tied embedding `weight`."""
     if tpc.sequence_parallel:
         # Every rank scores the whole sequence against its vocabulary slice; the gather's
         # backward sums the ranks' gradients and hands each its shard.
-        h_SBD = gather_sequence(h_SBD, tpc.group)
+        h_TD = gather_sequence(h_TD, tpc.group)
     elif head is None and tpc.size > 1:
         # The tied projection reads the full hidden state on every TP rank; the copy makes the
         # backward pass all-reduce its gradient across the group (megatron's
         # parallel_lm_logits). The untied head does the same inside ColumnParallelLinear.
-        h_SBD = tp.copy_to_tensor_model_parallel_region(h_SBD, group=tpc.group)
+        h_TD = tp.copy_to_tensor_model_parallel_region(h_TD, group=tpc.group)
     if head is not None:
-        logits = column(head, h_SBD, tpc) if not tpc.sequence_parallel else head(h_SBD)[0]
+        logits = column(head, h_TD, tpc) if not tpc.sequence_parallel else head(h_TD)[0]
     else:
-        logits = F.linear(h_SBD, weight)
+        logits = F.linear(h_TD, weight)
     return mask_padding(logits, tpc)
 
 
-def mask_padding(logits_SBV: torch.Tensor, tpc: TensorParallel) -> torch.Tensor:
+def mask_padding(logits_TV: torch.Tensor, tpc: TensorParallel) -> torch.Tensor:
     """The padding rows' logits (vocabulary ids >= tpc.real_vocab) at the dtype's minimum:
     no probability, no gradient, never sampled. The model's function then does not depend on
     how far the vocabulary is padded, so a checkpoint loads under another TP's padding."""
     if tpc.real_vocab is None:
-        return logits_SBV
-    local = logits_SBV.shape[-1]
+        return logits_TV
+    local = logits_TV.shape[-1]
     first_pad = tpc.real_vocab - tpc.rank * local  # in this rank's slice
     if first_pad >= local:
-        return logits_SBV
+        return logits_TV
     # In place: the projection's backward does not need its output, and the fill's backward
     # gives the padding zero gradient.
-    logits_SBV[..., max(first_pad, 0) :] = torch.finfo(logits_SBV.dtype).min
-    return logits_SBV
+    logits_TV[..., max(first_pad, 0) :] = torch.finfo(logits_TV.dtype).min
+    return logits_TV
 
 
 def attach_positions(model: nn.Module, cfg: ModelConfig, tpc: TensorParallel):
@@ -429,12 +452,12 @@ def attach_positions(model: nn.Module, cfg: ModelConfig, tpc: TensorParallel):
 
 
 def add_positions(
-    x_SBD: torch.Tensor, table_SD: torch.Tensor, s: int, tpc: TensorParallel, offset: int = 0
+    x_TD: torch.Tensor, table_SD: torch.Tensor, s: int, tpc: TensorParallel, offset: int = 0
 ) -> torch.Tensor:
     """Add the position vectors of this rank's shard of a sequence of `s` tokens (starting at
     position `offset`, which only generation's unsharded steps use)."""
     rows = shard_positions(s, tpc) if offset == 0 else slice(offset, offset + s)
-    return x_SBD + table_SD[rows].to(x_SBD.dtype).unsqueeze(1)
+    return x_TD + table_SD[rows].to(x_TD.dtype).unsqueeze(1 if tpc.seq_first else 0)
 
 
 class RotaryEmbedding(nn.Module):
@@ -570,10 +593,10 @@ class Attention(nn.Module):
             self.qkv = column_linear(d, (h + 2 * g) * e, cfg.bias, init, tpc)
         self.proj = row_linear(h * e, d, cfg.bias, normal_init(std / math.sqrt(2 * n_layers)), tpc)
 
-    def _heads(self, x_SBF: torch.Tensor, n: int) -> torch.Tensor:
-        """[s, b, n * e] -> [b, n, s, e]"""
-        s, b = x_SBF.shape[:2]
-        return x_SBF.view(s, b, n, self.head_dim).permute(1, 2, 0, 3)
+    def _heads(self, x_TF: torch.Tensor, n: int) -> torch.Tensor:
+        """[T, n * e] -> [b, n, s, e] (a view)"""
+        x_BSF = stream_order(x_TF, self.tpc)
+        return x_BSF.view(*x_BSF.shape[:2], n, self.head_dim).transpose(1, 2)
 
     def attend(
         self, q_BHSE: torch.Tensor, k_BGSE: torch.Tensor, v_BGSE: torch.Tensor, mask: AttentionMask
@@ -597,9 +620,9 @@ class Attention(nn.Module):
 
     def forward(
         self,
-        x_SBD: torch.Tensor,
+        x_TD: torch.Tensor,
         mask: AttentionMask,
-        memory_SBD: torch.Tensor | None = None,
+        memory_TD: torch.Tensor | None = None,
         *,
         recompute: bool = False,
         cache: KVCache | None = None,
@@ -607,28 +630,27 @@ class Attention(nn.Module):
         """`recompute`: recompute the attention core in the backward pass (selective).
         `cache`: generation's keys and values of the earlier tokens (attention.KVCache)."""
         e, g, per = self.head_dim, self.groups_local, self.q_per_group
-        if memory_SBD is None:
-            qkv = column(self.qkv, x_SBD, self.tpc)
-            s, b = qkv.shape[:2]
-            # One copy into [b, s, ...] first: the attention kernels then read q, k and v with
-            # the sequence stride of one token, not of a whole [b, ...] row, and a single query
-            # per group needs no copy of its own (13% less time for the attention's forward
-            # and backward at configs/char.yaml's shapes, docs/performance.md). A split, not
-            # three selects: its backward is one concatenation of the three gradients, where
-            # each select's would zero-fill a whole qkv-sized tensor and add into it.
-            qkv_BSGPE = qkv.transpose(0, 1).reshape(b, s, g, per + 2, e)
+        if memory_TD is None:
+            # q, k and v in [b, s, ...], where the kernels read them with the sequence stride
+            # of one token: a view of the projection's output in the [b, s, d] stream, one copy
+            # of it in the [s, b, d] one. A split, not three selects: its backward is one
+            # concatenation of the three gradients, where each select's would zero-fill a
+            # whole qkv-sized tensor and add into it.
+            qkv_BSF = stream_order(column(self.qkv, x_TD, self.tpc), self.tpc)
+            b, s = qkv_BSF.shape[:2]
+            qkv_BSGPE = qkv_BSF.reshape(b, s, g, per + 2, e)
             q, k, v = qkv_BSGPE.split_with_sizes([per, 1, 1], dim=3)
             q_BHSE = q.reshape(b, s, g * per, e).transpose(1, 2)
             k_BGSE, v_BGSE = k.squeeze(3).transpose(1, 2), v.squeeze(3).transpose(1, 2)
         else:
-            q_BHSE = self._heads(column(self.q, x_SBD, self.tpc), self.heads_local)
+            q_BHSE = self._heads(column(self.q, x_TD, self.tpc), self.heads_local)
             if cache is not None and cache.k_BGKE is not None:  # the encoder's, projected once
                 k_BGSE, v_BGSE = cache.k_BGKE, cache.v_BGKE
             else:
-                kv = column(self.kv, memory_SBD, self.tpc)
-                kv_KBG2E = kv.view(kv.shape[0], kv.shape[1], g, 2, e)
-                k_BGSE = kv_KBG2E[:, :, :, 0].permute(1, 2, 0, 3)
-                v_BGSE = kv_KBG2E[:, :, :, 1].permute(1, 2, 0, 3)
+                kv_BKF = stream_order(column(self.kv, memory_TD, self.tpc), self.tpc)
+                kv_BKG2E = kv_BKF.view(*kv_BKF.shape[:2], g, 2, e)
+                k_BGSE = kv_BKG2E[:, :, :, 0].transpose(1, 2)
+                v_BGSE = kv_BKG2E[:, :, :, 1].transpose(1, 2)
         if self.rotary is not None:
             offset = cache.offset if cache is not None else 0
             q_BHSE, k_BGSE = self.rotary(q_BHSE, offset), self.rotary(k_BGSE, offset)
@@ -638,7 +660,7 @@ class Attention(nn.Module):
                 k_BGSE,
                 v_BGSE,
                 mask,
-                cross=memory_SBD is not None,
+                cross=memory_TD is not None,
                 window=self.window,
                 scale=self.scale,
             )
@@ -656,9 +678,11 @@ class Attention(nn.Module):
             )
         else:
             o_BHSE = self.attend(q_BHSE, k_BGSE, v_BGSE, mask)
-        s, b = o_BHSE.shape[2], o_BHSE.shape[0]
-        o_SBF = o_BHSE.permute(2, 0, 1, 3).reshape(s, b, self.heads_local * e)
-        return row(self.proj, o_SBF, self.tpc)
+        # The CPU and flash kernels write o as [b, s, h, e] in memory: in the [b, s, d] stream
+        # its heads merge without a copy.
+        o_THE = stream_order(o_BHSE.transpose(1, 2), self.tpc)
+        o_TF = o_THE.reshape(*o_THE.shape[:2], self.heads_local * e)
+        return row(self.proj, o_TF, self.tpc)
 
 
 # --- MLP and blocks ------------------------------------------------------------------------------
@@ -691,14 +715,14 @@ class MLP(nn.Module):
         down_init = normal_init(cfg.init_std / math.sqrt(2 * n_layers))
         self.down = row_linear(f, cfg.d_model, cfg.bias, down_init, tpc)
 
-    def forward(self, x_SBD: torch.Tensor) -> torch.Tensor:
-        h_SBF = column(self.up, x_SBD, self.tpc)
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        h_TF = column(self.up, x_TD, self.tpc)
         if self.gated:
-            pairs = h_SBF.view(*h_SBF.shape[:-1], -1, 2)
-            h_SBF = self.act(pairs[..., 0]) * pairs[..., 1]
+            pairs = h_TF.view(*h_TF.shape[:-1], -1, 2)
+            h_TF = self.act(pairs[..., 0]) * pairs[..., 1]
         else:
-            h_SBF = self.act(h_SBF)
-        return row(self.down, h_SBF, self.tpc)
+            h_TF = self.act(h_TF)
+        return row(self.down, h_TF, self.tpc)
 
 
 class Block(nn.Module):
@@ -736,19 +760,19 @@ class Block(nn.Module):
         self.tpc = tpc
         self.recompute, self.recompute_interval = cfg.recompute, cfg.recompute_interval
 
-    def _sub(self, x_SBD: torch.Tensor, norm: nn.Module, f: Callable) -> torch.Tensor:
+    def _sub(self, x_TD: torch.Tensor, norm: nn.Module, f: Callable) -> torch.Tensor:
         # Without dropout the module call is skipped: it returns its input, after Python
         # overhead that shows on small models.
         drop = self.drop if self.drop.p > 0 else (lambda y: y)
         if self.pre_norm:
-            return x_SBD + drop(f(norm(x_SBD)))
-        return norm(x_SBD + drop(f(x_SBD)))
+            return x_TD + drop(f(norm(x_TD)))
+        return norm(x_TD + drop(f(x_TD)))
 
     def forward(
         self,
-        x_SBD: torch.Tensor,
+        x_TD: torch.Tensor,
         mask: AttentionMask,
-        memory_SBD: torch.Tensor | None = None,
+        memory_TD: torch.Tensor | None = None,
         memory_mask: AttentionMask | None = None,
         *,
         recompute_attention: bool = False,
@@ -758,17 +782,17 @@ class Block(nn.Module):
         (selective recompute; run_block sets it). `cache`: generation's KV caches."""
         rc = recompute_attention
         kv, cross_kv = (cache.self_attn, cache.cross_attn) if cache is not None else (None, None)
-        x_SBD = self._sub(x_SBD, self.ln_attn, lambda h: self.attn(h, mask, recompute=rc, cache=kv))
+        x_TD = self._sub(x_TD, self.ln_attn, lambda h: self.attn(h, mask, recompute=rc, cache=kv))
         if self.cross_attn is not None:
-            if memory_SBD is None or memory_mask is None:
+            if memory_TD is None or memory_mask is None:
                 raise ValueError("a cross-attention block needs the encoder output and its mask")
             cross = self.cross_attn
-            x_SBD = self._sub(
-                x_SBD,
+            x_TD = self._sub(
+                x_TD,
                 self.ln_cross,
-                lambda h: cross(h, memory_mask, memory_SBD, recompute=rc, cache=cross_kv),
+                lambda h: cross(h, memory_mask, memory_TD, recompute=rc, cache=cross_kv),
             )
-        return self._sub(x_SBD, self.ln_mlp, self.mlp)
+        return self._sub(x_TD, self.ln_mlp, self.mlp)
 
 
 def recomputes(block: Block, index: int) -> bool:
@@ -778,7 +802,7 @@ def recomputes(block: Block, index: int) -> bool:
     return block.recompute != "none" and index % block.recompute_interval == 0
 
 
-def run_block(block: Block, index: int, x_SBD: torch.Tensor, *args: Any) -> torch.Tensor:
+def run_block(block: Block, index: int, x_TD: torch.Tensor, *args: Any) -> torch.Tensor:
     """Apply block number `index` of its stack under the model's recompute policy.
 
     full: the whole block runs without keeping its activations and is recomputed in the
@@ -788,26 +812,26 @@ def run_block(block: Block, index: int, x_SBD: torch.Tensor, *args: Any) -> torc
     Recompute needs autograd; under no_grad (evaluation) the block just runs.
     """
     if not recomputes(block, index) or not torch.is_grad_enabled():
-        return block(x_SBD, *args)
+        return block(x_TD, *args)
     if block.recompute == "selective":
-        return block(x_SBD, *args, recompute_attention=True)
+        return block(x_TD, *args, recompute_attention=True)
     return torch.utils.checkpoint.checkpoint(
-        block, x_SBD, *args, use_reentrant=False, context_fn=block.tpc.rng.checkpoint_context
+        block, x_TD, *args, use_reentrant=False, context_fn=block.tpc.rng.checkpoint_context
     )
 
 
-def run_blocks(blocks: nn.ModuleList, x_SBD: torch.Tensor, *args: Any) -> torch.Tensor:
+def run_blocks(blocks: nn.ModuleList, x_TD: torch.Tensor, *args: Any) -> torch.Tensor:
     """Apply a stack of blocks in order, each under the recompute policy (run_block)."""
     for index, block in enumerate(blocks):
-        x_SBD = run_block(block, index, x_SBD, *args)
-    return x_SBD
+        x_TD = run_block(block, index, x_TD, *args)
+    return x_TD
 
 
 # --- output and loss -----------------------------------------------------------------------------
 
 
 def lm_loss(
-    logits_SBV: torch.Tensor,
+    logits_TV: torch.Tensor,
     targets_BS: torch.Tensor,
     loss_mask_BS: torch.Tensor | None,
     tpc: TensorParallel,
@@ -820,20 +844,20 @@ def lm_loss(
     the step's scored positions over all micro-batches and data-parallel ranks, divided by their
     number, so that after DeepSpeed's mean over micro-batches and ranks every token of the step
     weighs the same, however the batch was split (pretrain.steps.token_weights)."""
-    targets_SB = targets_BS.t()
+    targets_T = stream_order(targets_BS, tpc)  # in the logits' order
     if tpc.size == 1:
         # The whole vocabulary is here: torch's fused kernel, not megatron's three all-reduces
         # over a group of one and its unfused softmax (about 1.2x faster on CPU,
         # benchmarks/tp1_kernels.py; equal to it within float32 rounding, tests/unit/test_perf.py).
-        logits_NV = logits_SBV.float().flatten(0, 1)
-        if loss_mask_BS is None:  # every position scores: the kernel's own sum, no [s, b] losses
-            total = F.cross_entropy(logits_NV, targets_SB.reshape(-1), reduction="sum")
-            count = total.new_tensor(float(targets_SB.numel()))
+        logits_NV = logits_TV.float().flatten(0, 1)
+        if loss_mask_BS is None:  # every position scores: the kernel's own sum, no [T] losses
+            total = F.cross_entropy(logits_NV, targets_T.reshape(-1), reduction="sum")
+            count = total.new_tensor(float(targets_T.numel()))
             return total / (count if loss_tokens is None else loss_tokens.to(total.dtype))
-        loss_SB = F.cross_entropy(logits_NV, targets_SB.reshape(-1), reduction="none")
-        loss_SB = loss_SB.view(targets_SB.shape)
+        loss_T = F.cross_entropy(logits_NV, targets_T.reshape(-1), reduction="none")
+        loss_T = loss_T.view(targets_T.shape)
     else:
-        targets_SB = targets_SB.contiguous()
+        targets_T = targets_T.contiguous()
         # megatron's vocab_parallel_cross_entropy reduces over parallel_state's global TP
         # group, not the model's: a model built for another group would get a wrong loss.
         from megatron.core import parallel_state as ps
@@ -847,12 +871,12 @@ def lm_loss(
                 f"{ps.get_tensor_model_parallel_world_size()} ranks; the loss would be reduced "
                 f"over it"
             )
-        loss_SB = tp.vocab_parallel_cross_entropy(logits_SBV.float(), targets_SB)
+        loss_T = tp.vocab_parallel_cross_entropy(logits_TV.float(), targets_T)
     if loss_mask_BS is None:
-        total, count = loss_SB.sum(), loss_SB.new_tensor(float(loss_SB.numel()))
+        total, count = loss_T.sum(), loss_T.new_tensor(float(loss_T.numel()))
     else:
-        mask_SB = loss_mask_BS.transpose(0, 1).to(loss_SB.dtype)
-        total, count = (loss_SB * mask_SB).sum(), mask_SB.sum().clamp(min=1.0)
+        mask_T = stream_order(loss_mask_BS, tpc).to(loss_T.dtype)
+        total, count = (loss_T * mask_T).sum(), mask_T.sum().clamp(min=1.0)
     return total / (count if loss_tokens is None else loss_tokens.to(total.dtype))
 
 

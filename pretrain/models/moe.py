@@ -219,7 +219,8 @@ class Router(TopKGate):
 
 
 class MoEFeedForward(nn.Module):
-    """The mixture-of-experts replacement of a block's MLP: [s, b, d] in, [s, b, d] out; the
+    """The mixture-of-experts replacement of a block's MLP: the residual stream in (layers.py:
+    [b, s, d], or [s / tp, b, d] under sequence parallelism) and out; the
     router losses stay on `router` for add_router_losses. Dropped tokens get a zero output here,
     so the block's residual connection passes them through unchanged."""
 
@@ -250,16 +251,20 @@ class MoEFeedForward(nn.Module):
     def local_experts(self) -> nn.ModuleList:
         return self.moe.deepspeed_moe.experts.deepspeed_experts
 
-    def forward(self, x_SBD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         # Under sequence parallelism each TP rank holds a shard of the sequence, but the
         # experts are replicated over TP (pretrain.expert_parallel): gather the whole
         # sequence, route and compute it alike on every rank, keep this rank's shard of the
         # output. Routing and capacity then see the tokens TP=1 sees.
         sp = self.tpc is not None and self.tpc.sequence_parallel
         if sp:
-            x_SBD = gather_sequence_replicated(x_SBD, self.tpc.group)
-        out_SBD, _, _ = self.moe(x_SBD)
-        return split_sequence(out_SBD, self.tpc.group) if sp else out_SBD
+            out_SBD, _, _ = self.moe(gather_sequence_replicated(x_TD, self.tpc.group))
+            return split_sequence(out_SBD, self.tpc.group)
+        # The [b, s, d] stream is routed in [s, b] order too: which tokens a full expert drops
+        # and which routing noise a token draws depend on the order, and must not depend on
+        # the layout.
+        out_SBD, _, _ = self.moe(x_TD.transpose(0, 1))
+        return out_SBD.transpose(0, 1)
 
 
 def is_moe_block(cfg: ModelConfig, index: int) -> bool:

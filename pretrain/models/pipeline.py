@@ -50,6 +50,7 @@ from pretrain.models.layers import (
     lm_logits,
     lm_loss,
     run_block,
+    stream_length,
     token_embedding,
     unit_init,
 )
@@ -106,10 +107,6 @@ def _first(x: Any) -> torch.Tensor:
     return x[0] if isinstance(x, tuple) else x
 
 
-def _full_length(x_SBD: torch.Tensor, tpc: TensorParallel) -> int:
-    return x_SBD.shape[0] * (tpc.size if tpc.sequence_parallel else 1)
-
-
 class StackBlock(nn.Module):
     """A transformer block of a stack, as a pipeline layer: `block` is the one-process model's
     `blocks.{index}` (or `encoder.` / `decoder.`), and `index` its recompute position."""
@@ -150,7 +147,7 @@ class GPTBlock(StackBlock):
     def forward(self, inputs):
         x, *rest = inputs
         doc_ids = rest[0] if rest else None
-        s = _full_length(x, self.tpc)
+        s = stream_length(x, self.tpc)
         mask = attention_mask(s, s, causal=True, dtype=x.dtype, device=x.device, doc_ids_BS=doc_ids)
         return (run_block(self.block, self.index, x, mask), *rest)
 
@@ -196,7 +193,7 @@ class BERTInput(GPTInput):
 class BERTBlock(GPTBlock):
     def forward(self, inputs):
         x, padding = inputs
-        s = _full_length(x, self.tpc)
+        s = stream_length(x, self.tpc)
         mask = attention_mask(
             s,
             s,
@@ -291,7 +288,7 @@ class T5StackInput(nn.Module):
 
     def forward(self, inputs):
         x, *rest = inputs
-        s = _full_length(x, self.tpc)
+        s = stream_length(x, self.tpc)
         bias = getattr(self, self.table)(s, s).contiguous()  # p2p sends need contiguous
         if self.decoder:  # (x, memory, enc_padding, dec_padding)
             memory, *masks = rest
@@ -308,7 +305,7 @@ class T5EncoderBlock(StackBlock):
 
     def forward(self, inputs):
         x, bias, dec_tokens, enc_padding, dec_padding = inputs
-        s = _full_length(x, self.tpc)
+        s = stream_length(x, self.tpc)
         mask = attention_mask(
             s,
             s,
@@ -352,7 +349,7 @@ class T5DecoderBlock(StackBlock):
 
     def forward(self, inputs):
         x, memory, bias, enc_padding, dec_padding = inputs
-        s, s_enc = _full_length(x, self.tpc), _full_length(memory, self.tpc)
+        s, s_enc = stream_length(x, self.tpc), stream_length(memory, self.tpc)
         kw = dict(dtype=x.dtype, device=x.device)
         self_mask = attention_mask(
             s, s, causal=True, key_padding_BK=dec_padding.bool(), position_bias_1HQK=bias, **kw
@@ -442,11 +439,11 @@ FAMILIES = {
 }
 
 
-def pipeline_loss(tpc: TensorParallel, logits_SBV: torch.Tensor, labels: tuple) -> torch.Tensor:
+def pipeline_loss(tpc: TensorParallel, logits_TV: torch.Tensor, labels: tuple) -> torch.Tensor:
     """The last stage's loss: the same token-weighted cross-entropy as the one-process models."""
     targets, *rest = labels
     loss_mask = rest[0] if len(rest) == 2 else None
-    return lm_loss(logits_SBV, targets, loss_mask, tpc, rest[-1])
+    return lm_loss(logits_TV, targets, loss_mask, tpc, rest[-1])
 
 
 # --- building -------------------------------------------------------------------------------------

@@ -36,16 +36,18 @@ from pretrain.models.layers import (
     pad_to_multiple,
     run_blocks,
     sequence_parallel_pad,
+    stream_length,
     token_embedding,
 )
 
 
 @dataclass
 class EncoderOutput:
-    """The encoder's final states [s_enc, b, d] (this rank's shard under sequence parallelism)
+    """The encoder's final states [b, s_enc, d] ([s_enc / tp, b, d], this rank's shard, under
+    sequence parallelism)
     and the padding mask [b, s_enc] the decoder's cross-attention must apply to them."""
 
-    hidden_SBD: torch.Tensor
+    hidden_TD: torch.Tensor
     padding_mask_BS: torch.Tensor | None
 
 
@@ -81,11 +83,11 @@ def t5_block(cfg: ModelConfig, tpc: TensorParallel, *, cross: bool) -> Block:
     return Block(cfg, tpc, n_layers=n, cross=cross, scale=1.0, q_init_std=q_std)
 
 
-def t5_logits(h_SBD, tpc: TensorParallel, head=None, weight=None) -> torch.Tensor:
+def t5_logits(h_TD, tpc: TensorParallel, head=None, weight=None) -> torch.Tensor:
     """Decoder logits; tied, T5 rescales the decoder output so the embedding serves both ends."""
     if head is not None:
-        return lm_logits(h_SBD, tpc, head)
-    return lm_logits(h_SBD * h_SBD.shape[-1] ** -0.5, tpc, None, weight)  # d_model**-0.5
+        return lm_logits(h_TD, tpc, head)
+    return lm_logits(h_TD * h_TD.shape[-1] ** -0.5, tpc, None, weight)  # d_model**-0.5
 
 
 class T5(ParallelModel):
@@ -133,20 +135,20 @@ class T5(ParallelModel):
     ) -> EncoderOutput:
         enc_tokens, enc_padding_mask, _ = self._pad(enc_tokens, enc_padding_mask)
         s = enc_tokens.shape[1]
-        x_SBD = self.drop(embed_tokens(self.embed, enc_tokens, self.tpc))
+        x_TD = self.drop(embed_tokens(self.embed, enc_tokens, self.tpc))
         mask = attention_mask(
             s,
             s,
             causal=False,
-            dtype=x_SBD.dtype,
-            device=x_SBD.device,
+            dtype=x_TD.dtype,
+            device=x_TD.device,
             key_padding_BK=enc_padding_mask,
             position_bias_1HQK=self.enc_bias(s, s),
         )
-        x_SBD = run_blocks(self.encoder, x_SBD, mask)
+        x_TD = run_blocks(self.encoder, x_TD, mask)
         if self.enc_norm is not None:
-            x_SBD = self.enc_norm(x_SBD)
-        return EncoderOutput(self.drop(x_SBD), enc_padding_mask)
+            x_TD = self.enc_norm(x_TD)
+        return EncoderOutput(self.drop(x_TD), enc_padding_mask)
 
     def decode_parallel(
         self,
@@ -154,10 +156,10 @@ class T5(ParallelModel):
         memory: EncoderOutput,
         dec_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """This rank's slice of the decoder's vocabulary logits, [s_dec, b, v / tp]."""
+        """This rank's slice of the decoder's vocabulary logits, [T, v / tp] (layers.py)."""
         s = dec_tokens.shape[1]
-        x_SBD = self.drop(embed_tokens(self.embed, dec_tokens, self.tpc))
-        kw = dict(dtype=x_SBD.dtype, device=x_SBD.device)
+        x_TD = self.drop(embed_tokens(self.embed, dec_tokens, self.tpc))
+        kw = dict(dtype=x_TD.dtype, device=x_TD.device)
         self_mask = attention_mask(
             s,
             s,
@@ -166,18 +168,18 @@ class T5(ParallelModel):
             position_bias_1HQK=self.dec_bias(s, s),
             **kw,
         )
-        enc = memory.hidden_SBD
-        s_enc = enc.shape[0] * (self.tpc.size if self.tpc.sequence_parallel else 1)
+        enc = memory.hidden_TD
+        s_enc = stream_length(enc, self.tpc)
         cross_mask = attention_mask(
             s, s_enc, causal=False, key_padding_BK=memory.padding_mask_BS, **kw
         )
-        x_SBD = run_blocks(self.decoder, x_SBD, self_mask, enc, cross_mask)
+        x_TD = run_blocks(self.decoder, x_TD, self_mask, enc, cross_mask)
         if self.dec_norm is not None:
-            x_SBD = self.dec_norm(x_SBD)
-        return self._logits_parallel(self.drop(x_SBD))
+            x_TD = self.dec_norm(x_TD)
+        return self._logits_parallel(self.drop(x_TD))
 
-    def _logits_parallel(self, h_SBD: torch.Tensor) -> torch.Tensor:
-        return t5_logits(h_SBD, self.tpc, self.head, self.embed.weight)
+    def _logits_parallel(self, h_TD: torch.Tensor) -> torch.Tensor:
+        return t5_logits(h_TD, self.tpc, self.head, self.embed.weight)
 
     def decode(
         self,
@@ -188,8 +190,8 @@ class T5(ParallelModel):
         """Full decoder logits [b, s_dec, v] (generation)."""
         s = dec_tokens.shape[1]
         dec_tokens, dec_padding_mask, _ = self._pad(dec_tokens, dec_padding_mask)
-        logits_SBV = self.decode_parallel(dec_tokens, memory, dec_padding_mask)
-        return full_logits(logits_SBV, self.tpc, s)
+        logits_TV = self.decode_parallel(dec_tokens, memory, dec_padding_mask)
+        return full_logits(logits_TV, self.tpc, s)
 
     def forward(
         self,
@@ -211,5 +213,5 @@ class T5(ParallelModel):
             scored = torch.ones_like(targets, dtype=torch.float32)
             loss_mask = pad_to_multiple(scored if loss_mask is None else loss_mask, pad)
             targets = pad_to_multiple(targets, pad)
-        logits_SBV = self.decode_parallel(dec_tokens, memory, dec_padding_mask)
-        return lm_loss(logits_SBV, targets, loss_mask, self.tpc, loss_tokens)
+        logits_TV = self.decode_parallel(dec_tokens, memory, dec_padding_mask)
+        return lm_loss(logits_TV, targets, loss_mask, self.tpc, loss_tokens)

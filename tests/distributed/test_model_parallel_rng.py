@@ -60,7 +60,7 @@ def test_replicated_residual_masks_agree_across_tp_ranks(record):
     # The embedding dropout and two per block (attention and MLP branches) of 2 blocks.
     assert len(rank0) == len(rank1) == 5
     for a, b in zip(rank0, rank1, strict=True):
-        assert a.shape[0] == 16  # the whole sequence on every rank
+        assert a.shape[1] == 16  # the whole sequence on every rank ([b, s, d])
         assert looks_like_dropout(a)
         assert a.equal(b), "TP ranks dropped different elements of a replicated tensor"
 

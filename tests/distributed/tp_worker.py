@@ -17,7 +17,8 @@ Trainer.fit. For each run rank 0 writes OUT_DIR/<run_name>.pt holding:
   rank_losses  the same for every rank
   grad_norms   per-step global gradient norm (DeepSpeed's TP-aware norm, before clipping)
   spread       {kind: {param name: max |rank r - rank 0|}} for parameters replicated across TP
-  norm_rows    sequence positions each norm layer received, call by call (activations [s, b, d])
+  norm_rows    sequence positions each norm layer received, call by call (the residual stream:
+               [b, s, d], or [s / tp, b, d] under sequence parallelism)
   seconds      wall time of the run
 A run that raises is saved as {"error": traceback} instead.
 """
@@ -251,9 +252,10 @@ def watch_norm_rows(model: torch.nn.Module) -> list[int]:
     by call: seq_len / tp under sequence parallelism (the residual stream is sharded), seq_len
     without. It shows the sp runs really shard the sequence."""
     rows: list[int] = []
+    seq_dim = 0 if model.tpc.seq_first else 1
     for m in model.modules():
         if isinstance(m, (torch.nn.LayerNorm, torch.nn.RMSNorm)):
-            m.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
+            m.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[seq_dim]))
     return rows
 
 

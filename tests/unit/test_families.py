@@ -205,7 +205,7 @@ def test_t5_tied_logits_are_scaled_by_inverse_sqrt_d_model(world1):
     with torch.no_grad():
         logits = model(batch["enc_tokens"], batch["dec_tokens"])
     hook.remove()
-    h_BSD = captured["h"].transpose(0, 1)
+    h_BSD = captured["h"]  # the stream at TP=1 is [b, s, d]
     d = model.cfg.d_model
     want = h_BSD @ model.embed.weight.T * d**-0.5
     torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-6)

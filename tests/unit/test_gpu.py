@@ -24,7 +24,7 @@ def test_flash_attention_kernel_matches_the_math_kernel(world1):
     attn = Attention(CFG, TensorParallel.build(world1), n_layers=CFG.n_layers)
     attn = attn.cuda().to(torch.bfloat16).eval()
     causal = AttentionMask(causal=True)
-    x = torch.randn(CFG.seq_len, 4, CFG.d_model, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(4, CFG.seq_len, CFG.d_model, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             flash = attn(x, causal).float()

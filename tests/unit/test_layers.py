@@ -77,19 +77,19 @@ def split_cross(attn: Attention, n_heads: int, n_kv: int):
 
 def naive_attention(
     attn: Attention,
-    x_SBD: torch.Tensor,
+    x_BSD: torch.Tensor,
     *,
     n_heads: int,
     n_kv: int,
     allowed_BQK: torch.Tensor | None = None,
-    memory_SBD: torch.Tensor | None = None,
+    memory_BSD: torch.Tensor | None = None,
     scale: float | None = None,
     bias_HQK: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Loops over batch and heads: q_i k_j^T * scale (+ bias), -inf where not allowed, softmax,
     weighted sum of v; query head i reads key/value head i // (n_heads / n_kv)."""
-    kv_src = x_SBD if memory_SBD is None else memory_SBD
-    if memory_SBD is None:
+    kv_src = x_BSD if memory_BSD is None else memory_BSD
+    if memory_BSD is None:
         q_w, k_w, v_w = split_fused_qkv(attn, n_heads, n_kv)
     else:
         q_w, k_w, v_w = split_cross(attn, n_heads, n_kv)
@@ -97,8 +97,8 @@ def naive_attention(
     scale = 1 / math.sqrt(e) if scale is None else scale
     per = n_heads // n_kv
     outs = []
-    for bi in range(x_SBD.shape[1]):
-        x, m = x_SBD[:, bi], kv_src[:, bi]
+    for bi in range(x_BSD.shape[0]):
+        x, m = x_BSD[bi], kv_src[bi]
         heads = []
         for i in range(n_heads):
             q = x @ q_w[i][0].T + q_w[i][1]
@@ -111,7 +111,7 @@ def naive_attention(
                 scores = scores.masked_fill(~allowed_BQK[bi], float("-inf"))
             heads.append(torch.softmax(scores, dim=-1) @ v)
         outs.append(torch.cat(heads, dim=-1) @ attn.proj.weight.T + attn.proj.bias)
-    return torch.stack(outs, dim=1)
+    return torch.stack(outs)
 
 
 def causal_allowed(b: int, s: int) -> torch.Tensor:
@@ -129,7 +129,7 @@ def close(a, b) -> float:
 def test_causal_attention_matches_reference(world1, heads):
     n_kv = HEADS[heads] or CFG.n_heads
     attn = make_attention(world1, HEADS[heads])
-    x = torch.randn(10, 3, CFG.d_model)
+    x = torch.randn(3, 10, CFG.d_model)  # the TP=1 stream: [b, s, d]
     with torch.no_grad():
         got = attn(x, AttentionMask(causal=True))  # the is_causal fast path
         want = naive_attention(attn, x, n_heads=6, n_kv=n_kv, allowed_BQK=causal_allowed(3, 10))
@@ -142,7 +142,7 @@ def test_causal_attention_matches_reference(world1, heads):
 def test_padding_mask_matches_reference(world1, heads):
     n_kv = HEADS[heads] or CFG.n_heads
     attn = make_attention(world1, HEADS[heads])
-    x = torch.randn(10, 2, CFG.d_model)
+    x = torch.randn(2, 10, CFG.d_model)
     padding = torch.ones(2, 10, dtype=torch.bool)
     padding[0, 7:] = False
     padding[1, 4:] = False
@@ -160,7 +160,7 @@ def test_padding_mask_matches_reference(world1, heads):
 
 def test_document_mask_matches_reference(world1):
     attn = make_attention(world1, 3)
-    x = torch.randn(12, 2, CFG.d_model)
+    x = torch.randn(2, 12, CFG.d_model)
     docs = torch.tensor([[0] * 5 + [1] * 4 + [2] * 3, [0] * 12])
     mask = attention_mask(12, 12, causal=True, dtype=x.dtype, device=x.device, doc_ids_BS=docs)
     allowed = causal_allowed(2, 12) & (docs[:, :, None] == docs[:, None, :])
@@ -171,44 +171,44 @@ def test_document_mask_matches_reference(world1):
     assert close(got, want) < 1e-5
     # Negative control: the first sequence crosses documents without the mask; the second is
     # one document, where both agree.
-    assert close(got[:, 0], causal_only[:, 0]) > 1e-3
-    assert close(got[:, 1], causal_only[:, 1]) < 1e-5
+    assert close(got[0], causal_only[0]) > 1e-3
+    assert close(got[1], causal_only[1]) < 1e-5
 
 
 def test_masked_key_does_not_change_outputs(world1):
     """Changing the input at a padded position leaves every real position's output as it was;
     without the mask it changes them (the negative control)."""
     attn = make_attention(world1, 2)
-    x = torch.randn(8, 2, CFG.d_model)
+    x = torch.randn(2, 8, CFG.d_model)
     padding = torch.ones(2, 8, dtype=torch.bool)
     padding[:, 6:] = False
     mask = attention_mask(
         8, 8, causal=False, dtype=x.dtype, device=x.device, key_padding_BK=padding
     )
     y = x.clone()
-    y[6:] += 5.0 * torch.randn_like(y[6:])
+    y[:, 6:] += 5.0 * torch.randn_like(y[:, 6:])
     with torch.no_grad():
         a, b = attn(x, mask), attn(y, mask)
         a_open, b_open = attn(x, AttentionMask()), attn(y, AttentionMask())
-    assert close(a[:6], b[:6]) < 1e-6
-    assert close(a_open[:6], b_open[:6]) > 1e-3
+    assert close(a[:, :6], b[:, :6]) < 1e-6
+    assert close(a_open[:, :6], b_open[:, :6]) > 1e-3
 
 
 def test_causal_mask_hides_the_future(world1):
     attn = make_attention(world1, None)
-    x = torch.randn(8, 2, CFG.d_model)
+    x = torch.randn(2, 8, CFG.d_model)
     y = x.clone()
-    y[5:] += torch.randn_like(y[5:])
+    y[:, 5:] += torch.randn_like(y[:, 5:])
     with torch.no_grad():
         a, b = attn(x, AttentionMask(causal=True)), attn(y, AttentionMask(causal=True))
         a_open, b_open = attn(x, AttentionMask()), attn(y, AttentionMask())
-    assert close(a[:5], b[:5]) < 1e-6
-    assert close(a_open[:5], b_open[:5]) > 1e-3
+    assert close(a[:, :5], b[:, :5]) < 1e-6
+    assert close(a_open[:, :5], b_open[:, :5]) > 1e-3
 
 
 def test_fully_masked_row_stays_finite(world1):
     attn = make_attention(world1, None)
-    x = torch.randn(4, 1, CFG.d_model)
+    x = torch.randn(1, 4, CFG.d_model)
     nothing = torch.zeros(1, 4, dtype=torch.bool)
     mask = attention_mask(
         4, 4, causal=False, dtype=x.dtype, device=x.device, key_padding_BK=nothing
@@ -221,7 +221,7 @@ def test_fully_masked_row_stays_finite(world1):
 def test_cross_attention_matches_reference(world1, heads):
     n_kv = HEADS[heads] or CFG.n_heads
     attn = make_attention(world1, HEADS[heads], cross=True)
-    x, memory = torch.randn(5, 2, CFG.d_model), torch.randn(9, 2, CFG.d_model)
+    x, memory = torch.randn(2, 5, CFG.d_model), torch.randn(2, 9, CFG.d_model)
     padding = torch.ones(2, 9, dtype=torch.bool)
     padding[1, 6:] = False
     mask = attention_mask(
@@ -231,18 +231,18 @@ def test_cross_attention_matches_reference(world1, heads):
     with torch.no_grad():
         got = attn(x, mask, memory)
         want = naive_attention(
-            attn, x, n_heads=6, n_kv=n_kv, allowed_BQK=allowed, memory_SBD=memory
+            attn, x, n_heads=6, n_kv=n_kv, allowed_BQK=allowed, memory_BSD=memory
         )
-        self_attention = naive_attention(attn, memory, n_heads=6, n_kv=n_kv, memory_SBD=memory)
-    assert got.shape == (5, 2, CFG.d_model)
+        self_attention = naive_attention(attn, memory, n_heads=6, n_kv=n_kv, memory_BSD=memory)
+    assert got.shape == (2, 5, CFG.d_model)
     assert close(got, want) < 1e-5
-    assert close(got, self_attention[:5]) > 1e-3  # the queries come from x, not the memory
+    assert close(got, self_attention[:, :5]) > 1e-3  # the queries come from x, not the memory
 
 
 def test_unscaled_attention_with_position_bias(world1):
     """T5: scores are q.k without 1/sqrt(head size), plus the relative position bias."""
     attn = make_attention(world1, None, scale=1.0)
-    x = torch.randn(7, 2, CFG.d_model)
+    x = torch.randn(2, 7, CFG.d_model)
     bias = torch.randn(1, 6, 7, 7)
     mask = attention_mask(
         7, 7, causal=True, dtype=x.dtype, device=x.device, position_bias_1HQK=bias
@@ -399,8 +399,8 @@ def test_loss_refuses_a_model_built_for_another_tp_group(world1):
     claims 2 ranks gets an error instead of a silently wrong loss."""
     from pretrain.models.layers import lm_loss, parallel_config
 
-    logits, targets = torch.randn(4, 2, 10), torch.randint(0, 10, (2, 4))
-    want = F.cross_entropy(logits.transpose(0, 1).reshape(-1, 10), targets.reshape(-1))
+    logits, targets = torch.randn(2, 4, 10), torch.randint(0, 10, (2, 4))  # [b, s, v], [b, s]
+    want = F.cross_entropy(logits.reshape(-1, 10), targets.reshape(-1))
     torch.testing.assert_close(lm_loss(logits, targets, None, tpc(world1)), want)
     claims_two = TensorParallel(world1, 2, False, parallel_config(2))
     with pytest.raises(ValueError, match="megatron's tensor-parallel group has 1 ranks"):

@@ -72,26 +72,26 @@ def test_causal(world1, positions, changes):
     assert (b[:, t] - base[:, t]).abs().max() > 1e-3
 
 
-def naive_attention(attn: Attention, x_SBD: torch.Tensor, causal: bool) -> torch.Tensor:
+def naive_attention(attn: Attention, x_BSD: torch.Tensor, causal: bool) -> torch.Tensor:
     """Attention written out: explicit q k^T / sqrt(d), mask, softmax, weighted sum of v."""
-    s, b, d = x_SBD.shape
+    b, s, d = x_BSD.shape
     h, k = attn.heads_local, attn.head_dim
-    qkv = x_SBD @ attn.qkv.weight.T + attn.qkv.bias
-    qkv = qkv.view(s, b, h, 3, k)
-    q, kk, v = (qkv[:, :, :, i].permute(1, 2, 0, 3) for i in range(3))  # [b, h, s, k]
+    qkv = x_BSD @ attn.qkv.weight.T + attn.qkv.bias
+    qkv = qkv.view(b, s, h, 3, k)
+    q, kk, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # [b, h, s, k]
     scores = q @ kk.transpose(-1, -2) / math.sqrt(k)
     if causal:
         mask = torch.ones(s, s, dtype=torch.bool).triu(1)
         scores = scores.masked_fill(mask, float("-inf"))
     out = torch.softmax(scores, dim=-1) @ v  # [b, h, s, k]
-    out = out.permute(2, 0, 1, 3).reshape(s, b, h * k)
+    out = out.transpose(1, 2).reshape(b, s, h * k)
     return out @ attn.proj.weight.T + attn.proj.bias
 
 
 def test_sdpa_matches_naive_attention(world1):
     torch.manual_seed(0)
     attn = Attention(BASE, TensorParallel.build(world1), n_layers=BASE.n_layers).eval()
-    x = torch.randn(16, 3, BASE.d_model)
+    x = torch.randn(3, 16, BASE.d_model)  # the TP=1 stream: [b, s, d]
     with torch.no_grad():
         got = attn(x, AttentionMask(causal=True))
         want = naive_attention(attn, x, causal=True)
