@@ -11,8 +11,13 @@ are reported beside it, and the ratio of tokens per CPU second of the loops (eac
 loop's CPU time). The plain script reads the dataset's splits as flat token files written here
 first.
 
+With `--against CHECKOUT` the reference is not the plain script but `pretrain-train` of another
+checkout of this repository (its code on PYTHONPATH, this checkout's virtual environment): the
+same pairs then measure what a change does to the whole process, e.g. against a worktree of
+the commit before it (`git worktree add /tmp/base HEAD~1`).
+
 usage: python benchmarks/e2e_parity.py [CONFIG ...] [--threads 1 2] [--repeats 3]
-       [--steps N] [--set key=value ...] [--sequential]
+       [--steps N] [--set key=value ...] [--sequential] [--against CHECKOUT]
 Prints one Markdown table row per (config, threads).
 """
 
@@ -54,7 +59,11 @@ def flat_files(cfg, out: Path) -> tuple[Path, Path, str]:
     return paths[0], paths[1], np.dtype(info.dtype).name
 
 
-def commands(config: str, sets: list[str], work: Path) -> tuple[list[str], list[str]]:
+def commands(
+    config: str, sets: list[str], work: Path, against: Path | None = None
+) -> tuple[list[str], list[str]]:
+    """(ours, the reference): `pretrain-train` and the plain script, or with `against` the
+    other checkout's `pretrain-train` (its own run directory, its code first on the path)."""
     cfg = load_config(config, sets)
     cfg = resolve_vocab(cfg, DatasetInfo(cfg.data.path).vocab_size)
     m, r, o = cfg.model, cfg.run, cfg.optim
@@ -91,6 +100,9 @@ def commands(config: str, sets: list[str], work: Path) -> tuple[list[str], list[
         f"--ckpt-interval={cfg.checkpoint.interval}",
         f"--out={work}",
     ]
+    if against is not None:
+        ref_runs = f"run.output_dir={work / 'runs_ref'}"
+        plain = ["env", f"PYTHONPATH={against.resolve()}", *ours[:-3], ref_runs, *ours[-2:]]
     return ours, plain
 
 
@@ -162,7 +174,14 @@ def pair_cores(threads: int, paired: bool) -> tuple[set[int], set[int]] | None:
     return set(mine[:threads]), set(mine[threads : 2 * threads])
 
 
-def measure(config: str, sets: list[str], threads: list[int], repeats: int, paired: bool = True):
+def measure(
+    config: str,
+    sets: list[str],
+    threads: list[int],
+    repeats: int,
+    paired: bool = True,
+    against: Path | None = None,
+):
     """One row (dict) per thread count, yielded as soon as it is measured.
 
     Paired (where the cores allow): each repeat runs both processes at the same time, each
@@ -172,12 +191,14 @@ def measure(config: str, sets: list[str], threads: list[int], repeats: int, pair
     over the pairs."""
     with tempfile.TemporaryDirectory(prefix="e2e_parity_") as tmp:
         work = Path(tmp)
-        ours, plain = commands(config, sets, work)
+        ours, plain = commands(config, sets, work, against)
         for t in threads:
             got: dict[str, list[tuple[float, ...]]] = {"ours": [], "plain": []}
             cores = pair_cores(t, paired)
             for rep in range(repeats):
-                subprocess.run(["rm", "-rf", str(work / "runs")], check=True)
+                subprocess.run(
+                    ["rm", "-rf", str(work / "runs"), str(work / "runs_ref")], check=True
+                )
                 order = [("ours", ours), ("plain", plain)]
                 if rep % 2:
                     order = order[::-1]  # the other core (paired) or the other turn
@@ -219,16 +240,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
         action="store_true",
         help="run each pair one after the other, not at the same time on cores of their own",
     )
+    p.add_argument(
+        "--against",
+        type=Path,
+        default=None,
+        help="another checkout whose pretrain-train is the reference instead of the plain script",
+    )
     a = p.parse_args(argv)
     sets = list(a.set) + ([f"run.train_steps={a.steps}"] if a.steps else [])
+    ref = "plain" if a.against is None else f"reference ({a.against})"
     print(
-        "| config | threads | pairs | ours tokens/s | plain tokens/s | ratio (median) | ratios | "
-        "ratio of tokens per CPU second | process wall ours / plain | process CPU ours / plain |"
+        f"| config | threads | pairs | ours tokens/s | {ref} tokens/s | ratio (median) | ratios | "
+        f"ratio of tokens per CPU second | process wall ours / {ref} | process CPU ours / {ref} |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
     rows = []
     for config in a.configs:
-        for r in measure(config, sets, a.threads, a.repeats, not a.sequential):
+        for r in measure(config, sets, a.threads, a.repeats, not a.sequential, a.against):
             rows.append(r)
             print(
                 f"| {r['config']} | {r['threads']} | "

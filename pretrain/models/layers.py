@@ -631,11 +631,11 @@ class Attention(nn.Module):
         `cache`: generation's keys and values of the earlier tokens (attention.KVCache)."""
         e, g, per = self.head_dim, self.groups_local, self.q_per_group
         if memory_TD is None:
-            # q, k and v in [b, s, ...], where the kernels read them with the sequence stride
-            # of one token: a view of the projection's output in the [b, s, d] stream, one copy
-            # of it in the [s, b, d] one. A split, not three selects: its backward is one
-            # concatenation of the three gradients, where each select's would zero-fill a
-            # whole qkv-sized tensor and add into it.
+            # q, k and v are views of the projection's output, read by the kernels with a
+            # sequence stride of one token in the [b, s, d] stream (b tokens in the [s, b, d]
+            # one, whose backward also copies the gradient back into [s, b] order). A split,
+            # not three selects: its backward is one concatenation of the three gradients,
+            # where each select's would zero-fill a whole qkv-sized tensor and add into it.
             qkv_BSF = stream_order(column(self.qkv, x_TD, self.tpc), self.tpc)
             b, s = qkv_BSF.shape[:2]
             qkv_BSGPE = qkv_BSF.reshape(b, s, g, per + 2, e)
@@ -678,8 +678,8 @@ class Attention(nn.Module):
             )
         else:
             o_BHSE = self.attend(q_BHSE, k_BGSE, v_BGSE, mask)
-        # The CPU and flash kernels write o as [b, s, h, e] in memory: in the [b, s, d] stream
-        # its heads merge without a copy.
+        # The CPU kernel lays o out in memory as it found q: its heads merge into the
+        # stream's [T, h * e] as a view.
         o_THE = stream_order(o_BHSE.transpose(1, 2), self.tpc)
         o_TF = o_THE.reshape(*o_THE.shape[:2], self.heads_local * e)
         return row(self.proj, o_TF, self.tpc)

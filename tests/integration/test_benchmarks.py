@@ -30,9 +30,15 @@ def test_e2e_parity_and_dp_scaling_quick(small_dataset, capsys):
                             "--steps", "3", *sets])  # fmt: skip
     assert [(r["config"], r["threads"]) for r in rows] == [("tiny.yaml", 1)]
     assert rows[0]["ours"] > 0 and rows[0]["plain"] > 0
+    # Against another checkout (here this one): two pretrain-train processes side by side.
+    rows = e2e_parity.main(["configs/tiny.yaml", "--threads", "1", "--repeats", "1",
+                            "--steps", "2", "--against", str(ROOT), *sets])  # fmt: skip
+    assert rows[0]["ours"] > 0 and rows[0]["plain"] > 0
+    out = capsys.readouterr().out
+    assert f"reference ({ROOT}) tokens/s" in out
     ratio = dp_scaling.main(["configs/tiny.yaml", "--steps", "2", "--repeats", "1", *sets[:2]])
     assert ratio > 0
-    out = capsys.readouterr().out
+    out += capsys.readouterr().out
     assert "| tiny.yaml | 1 |" in out and "ratio 2/1" in out
     kernels = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks/tp1_kernels.py"), "--rounds", "1", "--calls", "1"],

@@ -394,3 +394,42 @@ def test_compile_refuses_zero3_and_experts():
             load_config(root / "configs" / "tiny.yaml", ["run.compile=true", override])
         assert key in str(e.value)
     load_config(root / "configs" / "tiny.yaml", ["run.compile=true", "parallel.zero_stage=2"])
+
+
+def test_attention_in_the_bs_stream_copies_nothing(world1):
+    """In the [b, s, d] stream attention takes q, k and v as views of the qkv projection's
+    output and merges the heads of its output as a view: forward and backward run no copy
+    (aten copy_/clone). Negative control: the same layer in megatron's [s, b, d] stream (a
+    sequence-parallel context over one rank, whose collectives are identities) copies the
+    gradient of the qkv projection's output from [b, s] back into [s, b] order."""
+    import dataclasses
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pretrain.models.layers import Attention, AttentionMask, TensorParallel, parallel_config
+
+    class CountCopies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.copies: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.copy_, torch.ops.aten.clone):
+                self.copies.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    def copies(tpc: TensorParallel, x: torch.Tensor) -> list[str]:
+        torch.manual_seed(0)
+        attn = Attention(DENSE, tpc, n_layers=2)
+        x = x.detach().requires_grad_()
+        with CountCopies() as mode:
+            attn(x, AttentionMask(causal=True)).sum().backward()
+        return mode.copies
+
+    b, s = 3, 16
+    plain = TensorParallel.build(world1)
+    assert not plain.seq_first
+    assert copies(plain, torch.randn(b, s, DENSE.d_model)) == []
+    seq_first = dataclasses.replace(plain, sequence_parallel=True, mp=parallel_config(1))
+    assert seq_first.seq_first
+    assert copies(seq_first, torch.randn(s, b, DENSE.d_model)) == ["aten.clone.default"]
