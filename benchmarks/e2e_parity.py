@@ -66,8 +66,6 @@ def commands(
     other checkout's `pretrain-train` (its own run directory, its code first on the path)."""
     cfg = load_config(config, sets)
     cfg = resolve_vocab(cfg, DatasetInfo(cfg.data.path).vocab_size)
-    m, r, o = cfg.model, cfg.run, cfg.optim
-    train, val, dtype = flat_files(cfg, work)
     ours = [
         str(BIN / "pretrain-train"),
         config,
@@ -76,6 +74,11 @@ def commands(
         "run.resume=never",
         "run.sample_tokens=0",
     ]
+    if against is not None:
+        ref_runs = f"run.output_dir={work / 'runs_ref'}"
+        return ours, ["env", f"PYTHONPATH={against.resolve()}", *ours[:-3], ref_runs, *ours[-2:]]
+    m, r, o = cfg.model, cfg.run, cfg.optim
+    train, val, dtype = flat_files(cfg, work)
     plain = [
         sys.executable,
         str(ROOT / "benchmarks/plain_gpt.py"),
@@ -100,9 +103,6 @@ def commands(
         f"--ckpt-interval={cfg.checkpoint.interval}",
         f"--out={work}",
     ]
-    if against is not None:
-        ref_runs = f"run.output_dir={work / 'runs_ref'}"
-        plain = ["env", f"PYTHONPATH={against.resolve()}", *ours[:-3], ref_runs, *ours[-2:]]
     return ours, plain
 
 

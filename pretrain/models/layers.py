@@ -269,10 +269,10 @@ def embed_tokens(
         return F.embedding(tokens_BS, embed.weight)
     if not tpc.sequence_parallel:
         return embed(tokens_BS)
-    outside = (tokens_BS < embed.vocab_start_index) | (tokens_BS >= embed.vocab_end_index)
-    local = (tokens_BS - embed.vocab_start_index).masked_fill(outside, 0).t()
-    # Looking up the transposed ids writes [s, b, d] directly: no transpose copy.
-    x_SBD = F.embedding(local, embed.weight).masked_fill(outside.t().unsqueeze(-1), 0.0)
+    tokens_SB = tokens_BS.t()  # looked up transposed, the ids write [s, b, d] without a copy
+    outside = (tokens_SB < embed.vocab_start_index) | (tokens_SB >= embed.vocab_end_index)
+    local = (tokens_SB - embed.vocab_start_index).masked_fill(outside, 0)
+    x_SBD = F.embedding(local, embed.weight).masked_fill(outside.unsqueeze(-1), 0.0)
     return reduce_scatter_sequence(x_SBD, tpc.group)
 
 
@@ -638,7 +638,7 @@ class Attention(nn.Module):
             # where each select's would zero-fill a whole qkv-sized tensor and add into it.
             qkv_BSF = stream_order(column(self.qkv, x_TD, self.tpc), self.tpc)
             b, s = qkv_BSF.shape[:2]
-            qkv_BSGPE = qkv_BSF.reshape(b, s, g, per + 2, e)
+            qkv_BSGPE = qkv_BSF.view(b, s, g, per + 2, e)  # splits the last dimension only
             q, k, v = qkv_BSGPE.split_with_sizes([per, 1, 1], dim=3)
             q_BHSE = q.reshape(b, s, g * per, e).transpose(1, 2)
             k_BGSE, v_BGSE = k.squeeze(3).transpose(1, 2), v.squeeze(3).transpose(1, 2)
