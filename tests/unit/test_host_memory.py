@@ -54,13 +54,20 @@ def faults_per_step(mode: str) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def mean_faults_per_step(mode: str, processes: int = 4) -> float:
+    """Over several processes: how often glibc's adaptive thresholds hand a step fresh pages
+    varies from process to process (57 to 440 faults per step with its defaults, one process
+    in about ten at the low end), so one process alone is not a measurement."""
+    return sum(faults_per_step(mode) for _ in range(processes)) / processes
+
+
 @pytest.mark.skipif(glibc() is None, reason="mallopt is glibc's; this C library has none")
 def test_reused_memory_stops_the_page_faults_of_every_step():
-    system, reuse = faults_per_step("system"), faults_per_step("reuse")
-    # glibc's defaults: each step maps its large blocks afresh (measured 244-448 faults per
-    # step, 1-1.8 MiB faulted in) -- the cost the setting removes.
+    system, reuse = mean_faults_per_step("system"), mean_faults_per_step("reuse")
+    # glibc's defaults: each step maps its large blocks afresh (single processes 57-440 faults
+    # per step, 0.2-1.8 MiB faulted in) -- the cost the setting removes.
     assert system > 100, system
-    # Kept in the heap: the same blocks serve the next step (measured 0.03-26).
+    # Kept in the heap: the same blocks serve the next step (single processes 0.03-26).
     assert reuse < system / 5, (reuse, system)
 
 
