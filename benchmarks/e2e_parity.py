@@ -247,6 +247,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="another checkout whose pretrain-train is the reference instead of the plain script",
     )
     a = p.parse_args(argv)
+    if a.against is not None and not (a.against / "pretrain" / "__init__.py").is_file():
+        # Without it the reference would import this checkout's code and measure it twice.
+        p.error(f"--against {a.against}: no pretrain/ package there; give a checkout of this repo")
     sets = list(a.set) + ([f"run.train_steps={a.steps}"] if a.steps else [])
     ref = "plain" if a.against is None else f"reference ({a.against})"
     print(
