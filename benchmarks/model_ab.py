@@ -3,7 +3,8 @@
 The char config's shapes (4 layers x 128, 4 heads, context 64, micro batch 12, vocabulary
 384): benchmarks/plain_gpt.PlainGPT and our GPT (pretrain.models.build_model at TP=1) each run
 forward + backward on the same fixed batch, alternating every call (the order flipped every
-round), `--calls` times; the figure is the median CPU time of each and their ratio. Run with
+round), `--calls` times; the figure is the median CPU time of each (wall time with --threads > 1)
+and their ratio. Run with
 `--profile` it also prints the operators whose time differs most (torch.profiler, self CPU
 time per call, alternating blocks of 10 calls), which is how the costs removed in
 docs/performance.md were found.
@@ -12,7 +13,7 @@ Sharing one process cancels the machine's drift between runs, but each model the
 the other's data in the caches: the ratio comes out closer to 1 than between two processes of
 their own (benchmarks/e2e_parity.py, pairs at the same time, is the figure that counts).
 
-usage: python benchmarks/model_ab.py [--calls 300] [--profile]
+usage: python benchmarks/model_ab.py [--calls 300] [--profile] [--threads 1]
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def build():
     }
 
 
-def time_calls(steps, calls: int) -> dict[str, list[float]]:
+def time_calls(steps, calls: int, clock=time.process_time) -> dict[str, list[float]]:
     names = list(steps)
     for _ in range(10):
         for n in names:
@@ -72,9 +73,9 @@ def time_calls(steps, calls: int) -> dict[str, list[float]]:
     got: dict[str, list[float]] = {n: [] for n in names}
     for i in range(calls):
         for n in names if i % 2 == 0 else names[::-1]:
-            t0 = time.process_time()
+            t0 = clock()
             steps[n]()
-            got[n].append(time.process_time() - t0)
+            got[n].append(clock() - t0)
     return got
 
 
@@ -107,12 +108,14 @@ def main(argv: list[str] | None = None) -> float:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--calls", type=int, default=300)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(a.threads)
     steps = build()
-    got = time_calls(steps, a.calls)
+    # With more threads, CPU time counts the OpenMP workers spinning at each barrier: wall time.
+    got = time_calls(steps, a.calls, time.process_time if a.threads == 1 else time.perf_counter)
     med = {n: statistics.median(v) for n, v in got.items()}
     ratio = med["plain"] / med["ours"]
     print(

@@ -172,13 +172,14 @@ def layout_change(meta: dict[str, Any], cfg: Config, dp: int) -> list[str]:
     """How this run's layout differs from the checkpoint's where DeepSpeed's loader cannot
     follow ('tp 2 -> 1', ...); empty when it loads the checkpoint as saved."""
     from pretrain import reshard
+    from pretrain.engine import effective_zero_stage
 
     p = cfg.parallel
     wanted = {
         "tp": p.tp,
         "pp": p.pp,
         "dp": dp,
-        "zero_stage": p.zero_stage,
+        "zero_stage": effective_zero_stage(cfg, dp),
         "precision": cfg.run.precision,
         "vocab_rows": cfg.model.vocab_size,
     }
@@ -460,9 +461,9 @@ def load(
     engine: Any, layout: Layout, path: Path, exclude: list[str], cfg: Config | None = None
 ) -> tuple[dict, dict | None]:
     """Load a complete checkpoint into the engine. Returns (client_state, this rank's state or
-    None when the checkpoint has no file for this rank: saved by fewer ranks, or on another
-    layout, whose per-rank streams do not map onto this one's). A checkpoint of another layout
-    (with `cfg`) is loaded from its consolidated form (pretrain.reshard)."""
+    None when the checkpoint has no file for this rank: saved by fewer ranks, or with other
+    tp, pp or dp, whose per-rank streams do not map onto this one's). A checkpoint of another
+    layout (with `cfg`) is loaded from its consolidated form (pretrain.reshard)."""
     from pretrain import reshard
 
     meta = json.loads((path / COMPLETE).read_text())
@@ -483,7 +484,15 @@ def load(
         udir = reshard.ensure_universal(path)  # made in prepare(); here if it was not
     verify(path, layout)
     if cfg is not None and change:
-        return reshard.load_universal(engine, layout, cfg, udir, exclude), None
+        client_state = reshard.load_universal(engine, layout, cfg, udir, exclude)
+        same_ranks = [meta["tp"], meta["pp"], meta["dp"]] == [
+            layout.tp_size,
+            layout.pp_size,
+            layout.dp_size,
+        ]
+        # Only the optimizer's form changed (ZeRO stage, precision, vocabulary padding): every
+        # rank is the rank that saved, and its RNG streams continue where they were.
+        return client_state, _rank_state(path, layout, meta) if same_ranks else None
     load_path, client_state = engine.load_checkpoint(
         str(path.parent),
         tag=path.name,
@@ -495,11 +504,14 @@ def load(
         raise CheckpointError(
             f"DeepSpeed could not load {path}; check that it is a checkpoint of this model"
         )
+    return client_state, _rank_state(path, layout, meta)
+
+
+def _rank_state(path: Path, layout: Layout, meta: dict[str, Any]) -> dict | None:
     rank_file = path / f"rank_{layout.rank:05d}.pt"
     if not rank_file.is_file() and layout.rank < meta["world_size"]:
         check_files(path)  # this rank saved one: its RNG state must not be silently dropped
-    rank_state = torch.load(rank_file, weights_only=False) if rank_file.is_file() else None
-    return client_state, rank_state
+    return torch.load(rank_file, weights_only=False) if rank_file.is_file() else None
 
 
 def check_run_config(cfg: Config) -> None:

@@ -558,7 +558,11 @@ class ParallelConfig:
     tp: int = _f(1, "Tensor-parallel size.")
     pp: int = _f(1, "Pipeline-parallel size.")
     dp: int | None = _f(None, "Data-parallel size (null: world size / (tp * pp)).")
-    zero_stage: int = _f(0, "DeepSpeed ZeRO stage 0-3.")
+    zero_stage: int = _f(
+        0,
+        "DeepSpeed ZeRO stage 0-3 (1 and 2 run as 0 in fp32 with one data-parallel rank and "
+        "no pipeline, where they would partition nothing).",
+    )
     micro_batch_size: int = _f(8, "Sequences per rank per forward pass.")
     global_batch_size: int | None = _f(
         None,

@@ -202,7 +202,7 @@ def run(cfg: Config, info: Any, resume_from: Path | None, layout, life: Lifetime
     from pretrain import checkpoint
     from pretrain import trainer as T
     from pretrain.distributed import seed_all
-    from pretrain.engine import build_engine, build_model_for
+    from pretrain.engine import build_engine, build_model_for, effective_zero_stage
     from pretrain.memory import watch_first_step
     from pretrain.models.flops import active_param_count, flops_per_token, param_count
     from pretrain.models.rng import seed_model_rng
@@ -311,9 +311,12 @@ def run(cfg: Config, info: Any, resume_from: Path | None, layout, life: Lifetime
         f"({param_count(cfg.model, embeddings=False) / 1e6:.2f}M non-embedding{active}), "
         f"{fpt / 1e6:.1f} MFLOP/token"
     )
+    zero = str(cfg.parallel.zero_stage)
+    if effective_zero_stage(cfg, layout.dp_size) != cfg.parallel.zero_stage:
+        zero += " (run as 0: one data-parallel rank has nothing to partition)"
     say(
         f"layout: world {layout.world_size} = dp {layout.dp_size} x tp {layout.tp_size} x pp "
-        f"{layout.pp_size}, ZeRO {cfg.parallel.zero_stage}, {cfg.run.precision}, "
+        f"{layout.pp_size}, ZeRO {zero}, {cfg.run.precision}, "
         f"{layout.device.type}; global batch {train_data.global_batch} x {L} tokens "
         f"(micro {mb}, accumulation {layout.grad_accum})"
     )
@@ -328,8 +331,13 @@ def run(cfg: Config, info: Any, resume_from: Path | None, layout, life: Lifetime
         say(
             f"resharded {resume_from.name}: {', '.join(trainer.resharded)} (weights"
             + ("" if "optimizer" in cfg.checkpoint.exclude_from_loading else ", Adam moments")
-            + f", schedule and data position carried over; dropout streams re-seeded for the "
-            f"new layout; consolidated copy cached in {resume_from / 'universal'})"
+            + ", schedule, data position"
+            + (
+                " and RNG streams carried over (same ranks)"
+                if trainer.rng_restored
+                else " carried over; dropout streams re-seeded for the new layout"
+            )
+            + f"; consolidated copy cached in {resume_from / 'universal'})"
         )
 
     evals, saves = T.EvalHook(say), T.CheckpointHook(say)

@@ -94,6 +94,7 @@ class Trainer:
     hooks: list[Any] = field(default_factory=list)
     stop_reason: str | None = None
     resharded: list[str] = field(default_factory=list)  # what load() bridged ('tp 2 -> 1')
+    rng_restored: bool = False  # whether load() restored this rank's saved RNG streams
     fault: str | None = None  # why a fault stopped the run (then the exit status is not 0)
     peers: dict[int, int] = field(default_factory=dict)  # this host's other ranks: {rank: pid}
     # The metrics of the latest HISTORY_STEPS steps (tests and benchmarks read them): bounded,
@@ -251,6 +252,7 @@ class Trainer:
         if "data" not in exclude:
             self.train_data.load_state_dict(client["data"])
         if "rng" not in exclude and rank_state is not None:
+            self.rng_restored = True
             set_rng_state(rank_state["rng"])
             if "model_rng" in rank_state:  # absent from checkpoints of older versions
                 model_rng(self.engine.module).load_state_dict(rank_state["model_rng"])

@@ -245,5 +245,7 @@ def test_memory_per_rank_is_printed_and_tracked(runs):
         for k in ("mib_max", "mib_min", "rank")
     }
     assert len(peaks["rank"]) == 4 and set(peaks["rank"]) == {1.0}, peaks
-    assert all(hi - lo > 0.8 * EXTRA_MIB for hi, lo in zip(peaks["mib_max"], peaks["mib_min"]))
+    assert all(
+        hi - lo > 0.8 * EXTRA_MIB for hi, lo in zip(peaks["mib_max"], peaks["mib_min"], strict=True)
+    )
     assert "| peak RSS " in log and "MiB (rank 1; min " in log

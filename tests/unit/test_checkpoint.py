@@ -125,6 +125,13 @@ def test_incompatible_checkpoint_is_refused(tmp_path, meta, overrides, dp, messa
             4,
             ["precision bf16 -> fp32", "dp 2 -> 4"],
         ),
+        # One data-parallel rank: ZeRO-1 in fp32 runs (and saves) as stage 0, so its own
+        # checkpoints load as saved, older versions' real ZeRO-1 ones are resharded, and so is
+        # a move to more ranks; bf16 keeps its stage.
+        ({"dp": 1, "world_size": 1, "zero_stage": 0}, (), 1, []),
+        ({"dp": 1, "world_size": 1}, (), 1, ["ZeRO stage 1 -> 0"]),
+        ({"dp": 1, "world_size": 1, "zero_stage": 0}, (), 2, ["ZeRO stage 0 -> 1"]),
+        ({"dp": 1, "world_size": 1, "precision": "bf16"}, ("run.precision=bf16",), 1, []),
     ],
 )
 def test_layout_changes_are_resharded(tmp_path, meta, overrides, dp, changes):

@@ -433,3 +433,26 @@ def test_attention_in_the_bs_stream_copies_nothing(world1):
     seq_first = dataclasses.replace(plain, sequence_parallel=True, mp=parallel_config(1))
     assert seq_first.seq_first
     assert copies(seq_first, torch.randn(s, b, DENSE.d_model)) == ["aten.clone.default"]
+
+
+@pytest.mark.parametrize(
+    "overrides, dp, stage",
+    [
+        (["parallel.zero_stage=1"], 1, 0),  # one rank: nothing to partition
+        (["parallel.zero_stage=2"], 1, 0),
+        (["parallel.zero_stage=1"], 2, 1),
+        (["parallel.zero_stage=2"], 4, 2),
+        (["parallel.zero_stage=3"], 1, 3),  # built partitioned: kept
+        (["parallel.zero_stage=1", "run.precision=bf16"], 1, 1),  # stage 0 would sum in bf16
+        (["parallel.zero_stage=1", "parallel.pp=2"], 1, 1),  # pipeline checkpoints at 0 stay put
+        (["parallel.zero_stage=0"], 1, 0),
+    ],
+)
+def test_one_rank_zero12_runs_as_stage_0(overrides, dp, stage):
+    from pretrain.config import load_config
+    from pretrain.engine import deepspeed_config, effective_zero_stage
+
+    cfg = load_config(None, overrides)
+    assert effective_zero_stage(cfg, dp) == stage
+    layout = SimpleNamespace(dp_size=dp, grad_accum=1)
+    assert deepspeed_config(cfg, layout)["zero_optimization"]["stage"] == stage
