@@ -80,10 +80,10 @@ def effective_zero_stage(cfg: Config, dp_size: int) -> int:
     Those stages partition the optimizer state and gradients over the data-parallel ranks;
     over one rank they partition nothing and only cost: every step copies each gradient into
     DeepSpeed's reduction buckets and flat fp32 partition, takes the norm over that copy, and
-    copies the updated partition back into the weights (measured in one process on the demo
-    config at two threads: about 18% of the step, against 6% for Adam's update; the run at
-    0.93x of a plain loop's tokens/s, at stage 0 1.03x). The numbers are the same up to the
-    rounding of the gradient norm (the same AdamW, elementwise, on the same gradients).
+    copies the updated partition back into the weights (in one process on the demo config at
+    two threads: about 18% of the step in a profile, against 6% for Adam's update; the whole
+    run 1.146x faster at stage 0, side by side: docs/benchmarks.md). The numbers are the same
+    up to the rounding of the clipping (the same AdamW, elementwise, on the same gradients).
     Kept as configured: bf16 (stage 0 would accumulate and clip its gradients in bf16),
     pipelines (a pipeline checkpoint at stage 0 cannot be resharded: pretrain.reshard) and
     ZeRO-3 (its model is built partitioned). Checkpoints record the stage that ran, and a

@@ -55,3 +55,29 @@ def launch(
     args = [str(out), str(ROOT / config), f"run.output_dir={tmp / 'runs'}", f"run.name={name}"]
     torchrun(WORKER, [*args, *overrides], nproc, tmp / f"{name}.log", env=env)
     return json.loads(out.read_text())
+
+
+def launch_dumping(
+    tmp: Path,
+    name: str,
+    data: str,
+    *overrides: str,
+    nproc: int = 1,
+    worker: str = "reshard_worker.py",
+) -> dict:
+    """Train the tiny GPT on `data` as run `name` under tmp/runs through `worker` (reshard_worker.py
+    or a variant), dumping every parameter right after the step-6 save into tmp/dump_NAME;
+    rank 0's record (losses, step, consumed, resharded)."""
+    out = tmp / f"{name}.json"
+    args = [
+        str(out),
+        str(tmp / f"dump_{name}"),
+        "save:6",
+        str(ROOT / "configs" / "tiny.yaml"),
+        f"data.path={data}",
+        f"run.output_dir={tmp / 'runs'}",
+        f"run.name={name}",
+        *overrides,
+    ]
+    torchrun(ROOT / "tests" / "distributed" / worker, args, nproc, tmp / f"{name}.log")
+    return json.loads(out.read_text())[0]

@@ -5,7 +5,6 @@ would be off from then on). One process, tiny GPT, 6 steps."""
 
 from __future__ import annotations
 
-import json
 import re
 
 import launching
@@ -13,7 +12,6 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-WORKER = launching.ROOT / "tests" / "distributed" / "reshard_worker.py"
 COMMON = [
     "run.train_steps=6",
     "checkpoint.interval=0",
@@ -29,19 +27,10 @@ COMMON = [
 def test_evaluations_leave_the_training_losses_unchanged(tmp_path, small_dataset):
     losses = {}
     for name, every in (("never", 0), ("every2", 2)):
-        args = [
-            str(tmp_path / f"{name}.json"),
-            str(tmp_path / f"dump_{name}"),
-            "save:6",
-            str(launching.ROOT / "configs" / "tiny.yaml"),
-            f"data.path={small_dataset}",
-            f"run.output_dir={tmp_path / 'runs'}",
-            f"run.name={name}",
-            f"run.eval_interval={every}",
-            *COMMON,
-        ]
-        launching.torchrun(WORKER, args, 1, tmp_path / f"{name}.log")
-        losses[name] = json.loads((tmp_path / f"{name}.json").read_text())[0]["losses"]
+        run = launching.launch_dumping(
+            tmp_path, name, small_dataset, f"run.eval_interval={every}", *COMMON
+        )
+        losses[name] = run["losses"]
         log = (tmp_path / f"{name}.log").read_text()
         # The evaluations in the loop (the run's end evaluates either way).
         assert (re.search(r"step +2 \| val loss", log) is not None) == (every > 0)

@@ -30,7 +30,6 @@ import torch
 
 pytestmark = pytest.mark.slow
 
-HERE = launching.ROOT / "tests" / "distributed"
 COMMON = [
     "run.train_steps=6",
     "checkpoint.interval=3",
@@ -59,19 +58,9 @@ def runs(tmp_path_factory, small_dataset):
     out = {}
     for name, (worker, extra) in RUNS.items():
         extra = [f"run.resume={step3}" if x == "resume" else x for x in extra]
-        args = [
-            str(tmp / f"{name}.json"),
-            str(tmp / f"dump_{name}"),
-            "save:6",
-            str(launching.ROOT / "configs" / "tiny.yaml"),
-            f"data.path={small_dataset}",
-            f"run.output_dir={tmp / 'runs'}",
-            f"run.name={name}",
-            *COMMON,
-            *extra,
-        ]
-        launching.torchrun(HERE / worker, args, 1, tmp / f"{name}.log")
-        out[name] = json.loads((tmp / f"{name}.json").read_text())[0]
+        out[name] = launching.launch_dumping(
+            tmp, name, small_dataset, *COMMON, *extra, worker=worker
+        )
     return tmp, out
 
 
