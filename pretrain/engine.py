@@ -348,6 +348,28 @@ def pipeline_grad_norm(module: Any, layout: Layout, grid: Any) -> float:
     return float(total.sqrt())
 
 
+def runs_direct(engine: Any) -> bool:
+    """Whether a micro-batch may run as `engine.module(...)` and `loss.backward()` instead of
+    DeepSpeed's `engine(...)` and `engine.backward(loss)`, with the same gradients (bitwise):
+    where those wrappers only keep books. That is plain fp32 at ZeRO-0 with the gradient
+    all-reduce off (one data-parallel rank, build_engine), no torch autocast, no DeepCompile or
+    compiled autograd. Their Python (flags, timers, a hook on the loss, the loss divided by the
+    accumulation steps and its backward node) cost 0.5 ms per step on the char config at two
+    threads (1.7% of the step, docs/performance.md). The module's own forward hooks, which
+    DeepSpeed registers on it (timers, flops profiler), run either way; `engine.step()` stays."""
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    return (
+        not isinstance(engine, PipelineEngine)
+        and engine.zero_optimization_stage() == 0
+        and not (engine.fp16_enabled() or engine.bfloat16_enabled())
+        and not engine.torch_autocast_enabled()
+        and not engine.enable_backward_allreduce
+        and not engine.is_deepcompile_enabled()
+        and not getattr(engine, "_is_compiled_autograd_enabled", False)
+    )
+
+
 def records_grad_norm(engine: Any) -> bool:
     """Whether DeepSpeed records the gradient norm itself (ZeRO 1-3 and bf16 do; plain fp32
     stage 0 clips without keeping the norm)."""

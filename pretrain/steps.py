@@ -50,7 +50,24 @@ class DataParallelSteps:
     steps the optimizer at the last one)."""
 
     def __init__(self, engine: Any, layout: Layout):
+        from pretrain.engine import runs_direct
+
         self.engine, self.layout = engine, layout
+        self.direct = runs_direct(engine)
+
+    def _forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The micro-batch's loss, its gradients accumulated: through DeepSpeed's wrappers, or
+        where they only keep books (engine.runs_direct) as DeepSpeed's backward computes them,
+        the loss divided by the accumulation steps (skipped for one: x / 1 is x)."""
+        engine = self.engine
+        if not self.direct:
+            loss = engine(**batch)
+            engine.backward(loss)
+            return loss
+        loss = engine.module(**batch)
+        accumulation = engine.gradient_accumulation_steps()
+        (loss / accumulation if accumulation > 1 else loss).backward()
+        return loss
 
     def _mean_over_ranks(self, loss_sum: torch.Tensor, n_micro: int) -> float:
         if self.layout.dp_size > 1:  # over one rank the all-reduce is the identity
@@ -67,8 +84,7 @@ class DataParallelSteps:
         device, engine = self.layout.device, self.engine
         loss_sum, norm = torch.zeros((), device=device), None
         for i, batch in enumerate(micro):
-            loss = engine(**to_device(batch, device))
-            engine.backward(loss)
+            loss = self._forward_backward(to_device(batch, device))
             loss_sum += loss.detach().float()
             last = i == len(micro) - 1
             if last and not records_grad_norm(engine):

@@ -192,7 +192,9 @@ def tiny_engine(world1):
                     ps.get_data_parallel_group())  # fmt: skip
     root = Path(__file__).resolve().parents[2]
 
-    def make(*overrides: str):
+    def make(*overrides: str, grad_accum: int = 1):
+        import dataclasses
+
         from pretrain.engine import build_engine, build_model_for
 
         cfg = load_config(
@@ -200,7 +202,8 @@ def tiny_engine(world1):
             ["model.vocab_size=128", "model.n_layers=1", "optim.warmup_steps=0", *overrides],
         )
         torch.manual_seed(0)
-        return build_engine(cfg, layout, build_model_for(cfg, layout))[0], layout
+        lay = dataclasses.replace(layout, grad_accum=grad_accum)
+        return build_engine(cfg, lay, build_model_for(cfg, lay))[0], lay
 
     yield make
     if had is None:
@@ -275,6 +278,83 @@ def test_gradient_norm_once_changes_no_numbers(tiny_engine, monkeypatch):
         free.backward(free(b[:, :-1], b[:, 1:]))
         free.step()
     assert not all(torch.equal(a, b) for a, b in zip(weights(free), weights(old), strict=True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_direct_steps_train_bitwise_like_deepspeeds_wrappers(tiny_engine, accumulation):
+    """At fp32 ZeRO-0 on one rank the runner calls the module and `loss.backward()` itself
+    (engine.runs_direct) instead of DeepSpeed's forward and backward: with dropout on and
+    clipping that bites, 3 steps give bitwise the losses, norms and weights of the wrappers'
+    way. Negative control: leaving out DeepSpeed's division of the loss by the accumulation
+    steps (with 2) doubles the norm."""
+    from pretrain.distributed import rng_state, set_rng_state
+    from pretrain.engine import runs_direct
+    from pretrain.steps import DataParallelSteps
+
+    class Undivided(DataParallelSteps):
+        def _forward_backward(self, batch):
+            loss = self.engine.module(**batch)
+            loss.backward()
+            return loss
+
+    sets = ["model.dropout=0.1", "optim.grad_clip=0.05", "parallel.micro_batch_size=2"]
+    gen = torch.Generator().manual_seed(3)
+    steps = [[torch.randint(0, 128, (2, 33), generator=gen) for _ in range(accumulation)]
+             for _ in range(3)]  # fmt: skip
+
+    def train(runner_cls, direct: bool):
+        engine, layout = tiny_engine(*sets, grad_accum=accumulation)
+        assert engine.gradient_accumulation_steps() == accumulation
+        runner = runner_cls(engine, layout)
+        assert runner.direct == runs_direct(engine) is True
+        runner.direct = direct
+        if direct:  # the point: DeepSpeed's backward is not called
+
+            def forbidden(*args, **kwargs):
+                raise AssertionError("engine.backward called on the direct path")
+
+            engine.backward = forbidden
+        torch.manual_seed(5)
+        out = [runner.train([{"tokens": b[:, :-1], "targets": b[:, 1:]} for b in step])
+               for step in steps]  # fmt: skip
+        return out, [p.detach().clone() for p in engine.module.parameters()]
+
+    state = rng_state()
+    wrapped, w_wrapped = train(DataParallelSteps, direct=False)
+    direct, w_direct = train(DataParallelSteps, direct=True)
+    assert direct == wrapped and min(norm for _, norm in wrapped) > 0.05
+    assert all(torch.equal(a, b) for a, b in zip(w_direct, w_wrapped, strict=True))
+    if accumulation > 1:
+        undivided, _ = train(Undivided, direct=True)
+        assert [n for _, n in undivided] == pytest.approx([2 * n for _, n in wrapped], rel=1e-5)
+    set_rng_state(state)
+
+
+def test_direct_steps_only_where_deepspeeds_wrappers_keep_books():
+    """engine.runs_direct: every condition turns it off on its own."""
+    from types import SimpleNamespace
+
+    from pretrain.engine import runs_direct
+
+    def engine(**change):
+        fields = dict(stage=0, fp16=False, bf16=False, autocast=False, allreduce=False,
+                      deepcompile=False, compiled_autograd=False) | change  # fmt: skip
+        return SimpleNamespace(
+            zero_optimization_stage=lambda: fields["stage"],
+            fp16_enabled=lambda: fields["fp16"],
+            bfloat16_enabled=lambda: fields["bf16"],
+            torch_autocast_enabled=lambda: fields["autocast"],
+            enable_backward_allreduce=fields["allreduce"],
+            is_deepcompile_enabled=lambda: fields["deepcompile"],
+            _is_compiled_autograd_enabled=fields["compiled_autograd"],
+        )
+
+    assert runs_direct(engine())
+    for change in [dict(stage=1), dict(stage=3), dict(fp16=True), dict(bf16=True),
+                   dict(autocast=True), dict(allreduce=True), dict(deepcompile=True),
+                   dict(compiled_autograd=True)]:  # fmt: skip
+        assert not runs_direct(engine(**change)), change
 
 
 @pytest.mark.parametrize(
