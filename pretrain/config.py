@@ -707,6 +707,13 @@ class TrackingConfig:
     tags: list[str] = _f(
         [], "Extra MLflow tags as 'KEY=VALUE' entries (pretrain-sweep: sweep name, point id)."
     )
+    metrics_interval: float = _f(
+        10.0,
+        "Seconds log steps' metric records may wait to reach the store together, in one "
+        "batch (each delivery takes CPU and the GIL from training: about 5 ms on a SQLite "
+        "store); 0 sends each log step's records at once. The run's end, and any other call, "
+        "sends them without waiting.",
+    )
     flush_timeout: float = _f(
         30.0,
         "Seconds the end of a run waits for records not yet delivered to the store (an "
@@ -716,6 +723,12 @@ class TrackingConfig:
     def validate(self) -> None:
         _need(bool(self.experiment), "tracking.experiment", self.experiment, "use a non-empty name")
         _need(self.flush_timeout >= 0, "tracking.flush_timeout", self.flush_timeout, "use >= 0")
+        _need(
+            self.metrics_interval >= 0,
+            "tracking.metrics_interval",
+            self.metrics_interval,
+            "use >= 0 (0: send every log step's metrics at once)",
+        )
         for i, tag in enumerate(self.tags):
             _need(
                 "=" in tag and bool(tag.partition("=")[0].strip()),

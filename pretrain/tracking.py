@@ -183,7 +183,9 @@ class Tracker:
 
         # MLflow's request retries and timeout come from the environment only: the entry point
         # sets them for the run (pretrain.environment.RUN_DEFAULTS), not this library code.
-        self.outbox = Outbox(self._connect, self._send_metrics, self.uri)
+        self.outbox = Outbox(
+            self._connect, self._send_metrics, self.uri, hold=self.cfg.tracking.metrics_interval
+        )
         tags = dict(tags or {})
         if branched_from is not None:
             parent, ckpt = branched_from

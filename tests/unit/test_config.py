@@ -567,6 +567,13 @@ VALIDATE_CASES = [
         -1.0,
         ">= 0",
     ),
+    ov(
+        "tracking.metrics_interval",
+        ["tracking.metrics_interval=-1"],
+        "tracking.metrics_interval",
+        -1.0,
+        "0: send every log step",
+    ),
     ov("reliability.max_consecutive_skips", ["reliability.max_consecutive_skips=0"],
        "reliability.max_consecutive_skips", 0, ">= 1"),
     ov("reliability.spike_sigma", ["reliability.spike_sigma=0"], "reliability.spike_sigma",

@@ -107,7 +107,7 @@ def test_tracker_start_leaves_the_environment_unchanged(monkeypatch, tmp_path: P
     class Outbox:  # no store: what start() does to the process is the question here
         warned = False
 
-        def __init__(self, *args):
+        def __init__(self, *args, **kwargs):
             pass
 
         def call(self, name, fn):

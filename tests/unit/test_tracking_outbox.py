@@ -125,6 +125,57 @@ def test_a_long_outage_drops_the_oldest_metrics_first(capsys):
     assert "dropping the oldest" in capsys.readouterr().err
 
 
+def batches(store: FakeStore) -> list[list]:
+    return [records for name, records in store.got if name == "metrics"]
+
+
+def wait_until(check, timeout: float = 5.0) -> float:
+    t0 = time.monotonic()
+    while not check() and time.monotonic() - t0 < timeout:
+        time.sleep(0.01)
+    return time.monotonic() - t0
+
+
+def test_metrics_wait_their_hold_and_travel_as_one_batch():
+    """Three log steps 0.1 s apart with a 0.8 s hold: nothing reaches the store before the
+    hold has passed, then one batch with all three. Without a hold (the control) each log
+    step is its own delivery, the per-step store cost the hold exists to avoid."""
+    store = FakeStore()
+    box = outbox(store, hold=0.8)
+    t0 = time.monotonic()
+    for step in range(3):
+        box.metrics([("loss", step)])
+        time.sleep(0.1)
+    assert batches(store) == []  # 0.3 s in: still held
+    wait_until(lambda: batches(store))
+    waited = time.monotonic() - t0
+    assert batches(store) == [[("loss", 0), ("loss", 1), ("loss", 2)]]
+    assert 0.7 < waited < 3.0
+    assert box.close(timeout=10) == 0
+
+    control = FakeStore()
+    box = outbox(control, hold=0.0)
+    for step in range(3):
+        box.metrics([("loss", step)])
+        wait_until(lambda n=step: len(batches(control)) > n)
+    assert box.close(timeout=10) == 0
+    assert batches(control) == [[("loss", 0)], [("loss", 1)], [("loss", 2)]]
+
+
+def test_a_call_behind_held_metrics_and_closing_send_them_at_once():
+    store = FakeStore()
+    box = outbox(store, hold=60.0)
+    box.metrics([("loss", 1)])
+    box.call("artifact", store.op("artifact"))  # in order, without waiting the hold
+    assert wait_until(lambda: len(store.got) == 2) < 2.0
+    assert store.got == [("metrics", [("loss", 1)]), ("artifact", None)]
+    box.metrics([("loss", 2)])
+    t0 = time.monotonic()
+    assert box.close(timeout=10) == 0
+    assert time.monotonic() - t0 < 2.0  # closing does not sit out the 60 s hold
+    assert store.got[-1] == ("metrics", [("loss", 2)])
+
+
 class MoEModel(torch.nn.Module):
     def tracking_metrics(self) -> dict[str, float]:
         return {"moe_load_max": 1.5, "moe_dropped_tokens": 3}
