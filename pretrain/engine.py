@@ -287,7 +287,7 @@ def pipeline_engine(layout: Layout, **kwargs: Any):
             decide = getattr(self, "decide_update", None)
             loss = self.total_loss if self.is_last_stage() else None
             loss = loss.detach().float() if loss is not None else torch.zeros(())
-            if decide is not None and decide(loss, self.micro_batches, norm):
+            if decide is not None and decide(loss, self.micro_batches, norm)[0]:
                 from pretrain.reliability import discarded_update
 
                 with discarded_update(self):

@@ -138,19 +138,29 @@ class StepGuard:
 
     def agree(
         self, step: int, stop_wanted: bool, loss_sum: torch.Tensor, n_micro: int, norm
-    ) -> bool:
-        """The step's one collective; returns whether to discard the update."""
-        loss = float(loss_sum.item()) / n_micro  # this rank's own loss, before any averaging
+    ) -> tuple[bool, float]:
+        """The step's one collective: (whether to discard the update, the step's loss averaged
+        over the data-parallel ranks). The loss rides in the same all-reduce as the flags: the
+        world sum of the loss sums of tensor-parallel rank 0 (every TP rank holds the same
+        loss; a pipeline's earlier stages pass 0) is the data-parallel group's sum, in float32
+        as a separate all-reduce over that group computed it."""
+        local_sum = float(loss_sum.item())
+        loss = local_sum / n_micro  # this rank's own loss, before any averaging
         bad = not math.isfinite(loss) or (norm is not None and not math.isfinite(norm))
-        spike = self.cfg.spike_action != "off" and not bad and (
-            self.losses.is_spike(loss) or self.norms.is_spike(norm)
+        spike = (
+            self.cfg.spike_action != "off"
+            and not bad
+            and (self.losses.is_spike(loss) or self.norms.is_spike(norm))
         )
+        share = local_sum if self.layout.tp_rank == 0 else 0.0
         flags = torch.tensor(
-            [float(stop_wanted), float(bad), float(spike)], device=self.layout.device
+            [float(stop_wanted), float(bad), float(spike), share], device=self.layout.device
         )
         if self.layout.world_size > 1:  # over one rank the all-reduce is the identity
             dist.all_reduce(flags)
-        stop, nonfinite, spike_any = (bool(v > 0) for v in flags.tolist())
+        *verdict, loss_total = flags.tolist()
+        mean_loss = loss_total / (n_micro * self.layout.dp_size)
+        stop, nonfinite, spike_any = (bool(v > 0) for v in verdict)
         self.stop, self.nonfinite, self.decided = stop, nonfinite, True
         self.spike = spike_any and not nonfinite
         if not nonfinite and not self.spike:
@@ -190,7 +200,7 @@ class StepGuard:
                 f"saved. Lower optim.lr or raise optim.warmup_steps, check the data, or set "
                 f"reliability.nonfinite=skip; then continue with run.resume=auto"
             )
-        return self.skip
+        return self.skip, mean_loss
 
     def after_update(self, step: int, engine_applied: bool, norm: float | None) -> None:
         """Where DeepSpeed computes the norm inside the update, a non-finite one made it skip

@@ -75,28 +75,34 @@ class DataParallelSteps:
         return loss_sum.item() / (n_micro * self.layout.dp_size)
 
     def train(self, micro: list[dict[str, torch.Tensor]], decide=None) -> tuple[float, float]:
-        """`decide(local_loss_sum, n_micro, norm_or_None) -> bool` runs after the last backward
-        and before the optimizer update (pretrain.reliability.StepGuard): True discards the
-        update. The norm is None where DeepSpeed only computes it inside the update."""
+        """`decide(local_loss_sum, n_micro, norm_or_None) -> (discard, mean_loss)` runs after
+        the last backward and before the optimizer update (pretrain.reliability.StepGuard):
+        True discards the update; mean_loss is the loss averaged over the data-parallel ranks,
+        agreed in decide's collective, so the step needs no all-reduce of its own for it. The
+        norm is None where DeepSpeed only computes it inside the update."""
         from pretrain.engine import grad_norm_now, records_grad_norm
         from pretrain.reliability import discarded_update
 
         device, engine = self.layout.device, self.engine
-        loss_sum, norm = torch.zeros((), device=device), None
+        loss_sum, norm, mean = torch.zeros((), device=device), None, None
         for i, batch in enumerate(micro):
             loss = self._forward_backward(to_device(batch, device))
             loss_sum += loss.detach().float()
-            last = i == len(micro) - 1
+            discard, last = False, i == len(micro) - 1
             if last and not records_grad_norm(engine):
                 norm = grad_norm_now(engine)
-            if last and decide is not None and decide(loss_sum, len(micro), norm):
+            if last and decide is not None:
+                discard, mean = decide(loss_sum, len(micro), norm)
+            if discard:
                 with discarded_update(engine):
                     engine.step()
             else:
                 engine.step()
         if norm is None:
             norm = float(engine.get_global_grad_norm())
-        return self._mean_over_ranks(loss_sum, len(micro)), norm
+        if mean is None:
+            mean = self._mean_over_ranks(loss_sum, len(micro))
+        return mean, norm
 
     def eval(self, micro: list[dict[str, torch.Tensor]]) -> float:
         total = torch.zeros((), device=self.layout.device)

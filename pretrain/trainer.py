@@ -132,7 +132,7 @@ class Trainer:
         guard = self.guard
         guard.reset()
 
-        def decide(loss_sum: torch.Tensor, n_micro: int, norm: float | None) -> bool:
+        def decide(loss_sum: torch.Tensor, n_micro: int, norm: float | None) -> tuple[bool, float]:
             return guard.agree(step, self.stop_reason is not None, loss_sum, n_micro, norm)
 
         micro = self.train_data.next_step()

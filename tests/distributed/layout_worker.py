@@ -131,10 +131,16 @@ class BoundaryGradTap:
     def __init__(self, engine: Any, control: str | None):
         self._engine, self.control = engine, control
         self.grads: dict[str, torch.Tensor] | None = None
+        if control == "mean_of_means":
+            # On the module, so that it acts whether the runner calls the engine or, where
+            # DeepSpeed's wrappers only keep books (engine.runs_direct), the module itself.
+            def own_mean(module, args, kwargs):
+                kwargs.pop("loss_tokens")  # the model then returns its micro-batch's mean
+                return args, kwargs
+
+            engine.module.register_forward_pre_hook(own_mean, with_kwargs=True)
 
     def __call__(self, **batch: Any) -> Any:
-        if self.control == "mean_of_means":
-            batch.pop("loss_tokens")  # the model then returns its own micro-batch's mean
         return self._engine(**batch)
 
     def capture(self) -> None:

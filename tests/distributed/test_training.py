@@ -113,6 +113,26 @@ def test_ranks_end_with_identical_weights(runs):
     assert ranks[0]["digest"] == ranks[1]["digest"]
 
 
+def test_the_logged_loss_is_the_float32_mean_over_ranks(runs):
+    """The step's loss travels in StepGuard's one all-reduce (no collective of its own): on
+    every rank and step it equals, bitwise, what a float32 all-reduce of the ranks' loss sums
+    over the data-parallel group gave, divided by micro-batches x ranks (numpy's float32 here).
+    Control: the ranks' own losses differ, so a dropped reduction would show."""
+    import numpy as np
+
+    recs = runs["straight"]
+    steps = len(recs[0]["losses"])
+    assert steps == 20 and all(len(r["local_loss_sums"]) == steps for r in recs)
+    own_differs = False
+    for i in range(steps):
+        sums = [r["local_loss_sums"][i][0] for r in recs]
+        n_micro = recs[0]["local_loss_sums"][i][1]
+        expected = float(np.float32(sums[0]) + np.float32(sums[1])) / (n_micro * len(recs))
+        assert [r["losses"][i] for r in recs] == [expected] * len(recs), i
+        own_differs |= sums[0] / n_micro != expected
+    assert own_differs
+
+
 def test_tiny_run_lowers_the_loss(runs):
     losses = runs["straight"][0]["losses"]
     assert len(losses) == 20 and all(math.isfinite(x) for x in losses)

@@ -55,6 +55,21 @@ def record_first_update(out: str) -> None:
     Trainer.train_step = first
 
 
+def record_local_loss_sums() -> list:
+    """Every step's (local loss sum, micro-batches) as this rank hands them to the step's one
+    collective (StepGuard.agree), before any averaging over the ranks."""
+    from pretrain.reliability import StepGuard
+
+    agree, seen = StepGuard.agree, []
+
+    def recorded(self, step, stop_wanted, loss_sum, n_micro, norm):
+        seen.append((float(loss_sum.item()), n_micro))
+        return agree(self, step, stop_wanted, loss_sum, n_micro, norm)
+
+    StepGuard.agree = recorded
+    return seen
+
+
 def drop_first_micro_batch_gradient() -> None:
     """Fault for negative controls (DROP_MICRO_BATCH_GRADIENT=1): rank 0's first micro-batch
     contributes no gradient (its loss is still reported), as a broken accumulation would."""
@@ -76,6 +91,7 @@ def main() -> None:
     cfg, info, resume_from = prepare(argv)
     layout = distributed.setup(cfg)
     record_first_update(out)
+    local_sums = record_local_loss_sums()
     if os.environ.get("DROP_MICRO_BATCH_GRADIENT") == "1":
         drop_first_micro_batch_gradient()
     # EXTRA_MEMORY=R:MiB: rank R holds that much more resident memory for the whole run, so a
@@ -103,6 +119,7 @@ def main() -> None:
         "grad_accum": layout.grad_accum,
         "zero_stage": trainer.engine.zero_optimization_stage(),
         "grad_norms": [m["grad_norm"] for m in trainer.history],
+        "local_loss_sums": local_sums,
     }
     del ballast
     write_records(out, record, layout)
