@@ -773,10 +773,12 @@ class ReliabilityConfig:
     inject: list[str] = _f(
         [],
         "TEST ONLY: faults to inject, 'KIND@STEP' or 'KIND@STEP:RANK' (rank 0 if omitted), "
-        "KIND one of nan, spike, sigterm, sigusr1, sigint, sigstop, sigkill, hang.",
+        "KIND one of nan, spike, sigterm, sigusr1, sigint, sigstop, sigkill, hang, error.",
     )
 
-    INJECTABLE = ("nan", "spike", "sigterm", "sigusr1", "sigint", "sigstop", "sigkill", "hang")
+    INJECTABLE = (
+        "nan", "spike", "sigterm", "sigusr1", "sigint", "sigstop", "sigkill", "hang", "error",
+    )  # fmt: skip
 
     def validate(self) -> None:
         _need(

@@ -257,6 +257,8 @@ class Faults:
             elif kind == "hang":
                 while True:
                     time.sleep(1)
+            elif kind == "error":  # an exception out of the training loop (a bug, a bad batch)
+                raise RuntimeError(f"reliability.inject: error at step {step}")
 
     @contextlib.contextmanager
     def in_forward(self, module: torch.nn.Module, step: int):

@@ -244,15 +244,17 @@ class Tracker:
         if self.outbox is not None:
             self.outbox.call(path.name, lambda c: c.log_artifact(self.run_id, str(path)))
 
-    def finish(self, status: str = "FINISHED", plot_to: Path | None = None) -> None:
+    def finish(
+        self, status: str = "FINISHED", plot_to: Path | None = None, timeout: float | None = None
+    ) -> None:
         """End the run: a loss-curve PNG (written to `plot_to`) as an artifact, the status, then
-        up to `tracking.flush_timeout` seconds for the queue to drain."""
+        up to `timeout` seconds (default `tracking.flush_timeout`) for the queue to drain."""
         if self.outbox is None:
             return
         if plot_to is not None:
             self.outbox.call("loss curve", lambda c: self._plot(c, plot_to))
         self.outbox.call("end run", lambda c: c.set_terminated(self.run_id, status))
-        self.outbox.close(self.cfg.tracking.flush_timeout)
+        self.outbox.close(self.cfg.tracking.flush_timeout if timeout is None else timeout)
         self.outbox = None
 
     def _plot(self, client: Any, path: Path) -> None:

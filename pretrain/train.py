@@ -364,7 +364,14 @@ def run(cfg: Config, info: Any, resume_from: Path | None, layout, life: Lifetime
         say(life.clock.line())
     watch_first_step(trainer, say)  # memory per rank, printed and logged after the first step
     t0, cpu0 = time.perf_counter(), time.process_time()
-    trainer.fit()
+    try:
+        trainer.fit()
+    except BaseException:
+        # What the run logged up to the error reaches the store (metric records may be held
+        # for tracking.metrics_interval), and the MLflow run ends as FAILED; bounded, so that
+        # a failing job is not kept alive by an unreachable store.
+        tracker.finish("FAILED", timeout=min(cfg.tracking.flush_timeout, 5.0))
+        raise
     elapsed = time.perf_counter() - t0
     # CPU time does not stretch when other jobs share the cores: a speed figure that survives
     # a loaded machine (benchmarks/e2e_parity.py compares it with the plain script's).
