@@ -9,7 +9,9 @@ alternating so that the machine's noise hits both alike (median of --repeats):
   rename, `latest`) and pretrain.checkpoint.load (manifest verified, DeepSpeed's load);
 - reference: torch.save of {module state dict, optimizer state dict} to one file on the same
   disk, and torch.load of it;
-- resharding: pretrain.reshard.ensure_universal on the saved checkpoint (consolidated copy).
+- resharding: pretrain.reshard.ensure_universal on the saved checkpoint (consolidated copy);
+- verification alone: pretrain.checkpoint.verify (the sha256 manifest, part of every load),
+  so the load's figure splits into hashing and DeepSpeed's load.
 
 GB/s counts the checkpoint's bytes on disk. The page cache is not dropped (no root needed):
 load figures are warm-cache reads, for ours and the reference alike.
@@ -103,7 +105,7 @@ def main() -> None:
         ref = tmp / "reference.pt"
         ckpt_dir = tmp / "checkpoints"
         times: dict[str, list[float]] = {k: [] for k in ("save", "ref_save", "load", "ref_load")}
-        times["reshard"] = []
+        times["reshard"], times["verify"] = [], []
         repeats = 1 if args.quick else args.repeats
         for i in range(repeats):
             step = i + 1
@@ -119,6 +121,9 @@ def main() -> None:
             t = time.perf_counter()
             checkpoint.load(engine, layout, path, [])
             times["load"].append(time.perf_counter() - t)
+            t = time.perf_counter()  # the part of load() that a plain load does not do
+            checkpoint.verify(path, layout)
+            times["verify"].append(time.perf_counter() - t)
             t = time.perf_counter()
             torch.load(ref, weights_only=False)
             times["ref_load"].append(time.perf_counter() - t)
@@ -144,6 +149,14 @@ def main() -> None:
                 f"| {what} | {a:.2f} GB/s ({ours_bytes / GB:.2f} GB in {med[ours]:.1f} s) | "
                 f"{b:.2f} GB/s ({ref_bytes / GB:.2f} GB in {med[theirs]:.1f} s) | {a / b:.2f} |"
             )
+        rest = med["load"] - med["verify"]
+        print(
+            f"\nOf our load, verifying the sha256 manifest (every byte hashed on one core) took "
+            f"{med['verify']:.1f} s ({ours_bytes / med['verify'] / GB:.2f} GB/s); the rest, "
+            f"DeepSpeed's load_checkpoint and the per-rank state, {rest:.1f} s "
+            f"({med['ref_load'] / rest if rest > 0 else float('nan'):.2f}x the reference's "
+            f"speed)."
+        )
         print(
             f"\nConsolidation for resharding (pretrain.reshard, weights and both moments as full "
             f"tensors): {med['reshard']:.1f} s, {ours_bytes / med['reshard'] / GB:.2f} GB/s of "

@@ -152,4 +152,5 @@ def test_checkpoint_io_quick(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| save |" in proc.stdout and "| load |" in proc.stdout
     assert "Consolidation for resharding" in proc.stdout
+    assert "verifying the sha256 manifest" in proc.stdout
     assert list(tmp_path.iterdir()) == []  # its temporary checkpoints are removed

@@ -536,3 +536,49 @@ def test_one_rank_zero12_runs_as_stage_0(overrides, dp, stage):
     assert effective_zero_stage(cfg, dp) == stage
     layout = SimpleNamespace(dp_size=dp, grad_accum=1)
     assert deepspeed_config(cfg, layout)["zero_optimization"]["stage"] == stage
+
+
+@pytest.mark.slow
+def test_a_checkpoint_load_reads_the_model_states_file_once(tiny_engine, tmp_path, monkeypatch):
+    """pretrain.checkpoint.load reads each file of a ZeRO-0 checkpoint from disk once, where
+    DeepSpeed's load_checkpoint alone reads the model-states file (weights and Adam moments)
+    twice; the weights and moments loaded are bitwise the saved ones. Control: DeepSpeed's
+    load_checkpoint called directly reads it twice, so the count sees the second read."""
+    from collections import Counter
+
+    from pretrain import checkpoint
+
+    engine, layout = tiny_engine("optim.warmup_steps=0")
+    tokens = torch.randint(0, 128, (1, 33), generator=torch.Generator().manual_seed(0))
+    engine.backward(engine(tokens[:, :-1], tokens[:, 1:]))
+    engine.step()  # Adam's moments exist and are saved
+    saved = {k: v.clone() for k, v in engine.module.state_dict().items() if torch.is_tensor(v)}
+    moments = [s["exp_avg"].clone() for s in engine.optimizer.state.values()]
+    client = {"trainer": {"step": 1}, "data": {"consumed": 0}}
+    path = checkpoint.save(engine, layout, tmp_path, 1, client, {}, keep_last=1)
+    with torch.no_grad():
+        for p in engine.module.parameters():
+            p.add_(1.0)
+        for s in engine.optimizer.state.values():
+            s["exp_avg"].zero_()
+
+    reads: Counter[str] = Counter()
+    real_load = torch.load
+
+    def counting(f, *args, **kwargs):
+        reads[Path(str(f)).name] += 1
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting)
+    checkpoint.load(engine, layout, path, [])
+    assert reads["mp_rank_00_model_states.pt"] == 1, reads
+    loaded = engine.module.state_dict()
+    for k, v in saved.items():
+        assert torch.equal(loaded[k], v), k
+    for got, want in zip(engine.optimizer.state.values(), moments, strict=True):
+        assert torch.equal(got["exp_avg"], want)
+    assert "load" not in vars(engine.checkpoint_engine)  # DeepSpeed's own method again
+
+    reads.clear()
+    engine.load_checkpoint(str(path.parent), tag=path.name)
+    assert reads["mp_rank_00_model_states.pt"] == 2, reads
