@@ -519,7 +519,9 @@ def _read_once(checkpoint_engine: Any) -> Iterator[None]:
     ZeRO-0 that file holds the weights and the optimizer's moments (4.25 GB for a 354M GPT).
     Here the first read's result is kept for the next request of the same file, when both ask
     to keep storages where they were saved (a callable map_location, as DeepSpeed's loader
-    does), and handed out once; any other request reads the file as before."""
+    does), and handed out once; any other request reads the file as before. A file asked for
+    only once (a pipeline's layer files) stays referenced until the next read or the end of the
+    load: at most one file's tensors longer than before."""
     if checkpoint_engine is None:  # an engine without one (not DeepSpeed's): nothing to share
         yield
         return
