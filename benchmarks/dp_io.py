@@ -6,13 +6,15 @@ rank's loader (make_batches, the run's own) counts the bytes it reads from disk
 (PackedSequences.bytes_read: range-index files, shard chunks, or whole shards); the table gives
 rank 0's and the largest over the ranks, and their ratio to DP=1. The reference row is the same
 dataset without its range index (as built before indexes existed), read whole shard by shard.
-The issue's goal is a DP=4 / DP=1 ratio of at most 0.30.
+Rows "runs of K" shuffle runs of K adjacent sequences (data.shuffle_run=K) instead of single
+ones, so that a rank's sequences come in runs that share chunks. The issue's goal is a
+DP=4 / DP=1 ratio of at most 0.30.
 
 The figures count what the reader asks the file system for; on a local disk the page cache
 rounds each read up to whole 4 KiB pages (sequences of 2 KiB or more are little affected).
 
 usage: python benchmarks/dp_io.py [--data DIR] [--tokens N | --steps N] [--seq-len L ...]
-                                  [--global-batch G] [--chunk-bytes B]
+                                  [--global-batch G] [--chunk-bytes B] [--shuffle-run K ...]
 """
 
 from __future__ import annotations
@@ -39,10 +41,13 @@ from data_pipeline.shards import MANIFEST_FILE, OPTIONAL_COLUMNS, add_range_inde
 WINDOW = 1024
 
 
-def bytes_read(data: str, dp: int, rank: int, steps: int, seq_len: int, global_batch: int) -> int:
+def bytes_read(
+    data: str, dp: int, rank: int, steps: int, seq_len: int, global_batch: int, run: int = 1
+) -> int:
     """Bytes rank `rank` of `dp` reads to serve `steps` global batches."""
-    loader = make_batches({"path": data, "shuffle_window": WINDOW}, "train", seq_len, 0,
-                          global_batch // dp, dp_rank=rank, dp_size=dp, num_workers=0)  # fmt: skip
+    settings = {"path": data, "shuffle_window": WINDOW, "shuffle_run": run}
+    loader = make_batches(settings, "train", seq_len, 0, global_batch // dp, dp_rank=rank,
+                          dp_size=dp, num_workers=0)  # fmt: skip
     for _ in range(steps):
         loader.next_step()
     return loader.sequences.bytes_read
@@ -60,7 +65,8 @@ def prepare(data: Path, scratch: Path, chunk_bytes: int) -> tuple[str, str]:
     return str(indexed), str(whole)
 
 
-def main(argv: list[str] | None = None) -> dict[int, float]:
+def main(argv: list[str] | None = None) -> dict[tuple[int, int], float]:
+    """The DP=4 / DP=1 ratio of range reads, by (seq_len, shuffle run)."""
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--data", default=str(ROOT / "data" / "stdlib"))
     p.add_argument("--tokens", type=int, default=1_000_000,
@@ -75,6 +81,8 @@ def main(argv: list[str] | None = None) -> dict[int, float]:
         default=CHUNK_BYTES,
         help="chunk size of the index added to a copy of an unindexed dataset",
     )
+    p.add_argument("--shuffle-run", type=int, nargs="+", default=[1, 4],
+                   help="data.shuffle_run values to measure range reads at")  # fmt: skip
     a = p.parse_args(argv)
     ratios = {}
     print(f"global batch {a.global_batch} sequences; bytes read per rank (rank 0 / the largest "
@@ -86,10 +94,12 @@ def main(argv: list[str] | None = None) -> dict[int, float]:
         for seq_len in a.seq_len:
             windows = max(1, round(a.tokens / (WINDOW * seq_len)))
             steps = a.steps or windows * WINDOW // a.global_batch
-            for name, data in (("range reads", indexed), ("whole shards (no index)", whole)):
+            readers = [("range reads" if k == 1 else f"range reads, runs of {k}", indexed, k)
+                       for k in a.shuffle_run]  # fmt: skip
+            for name, data, run in [*readers, ("whole shards (no index)", whole, 1)]:
                 per_dp = {}
                 for dp in (1, 2, 4):
-                    counts = [bytes_read(data, dp, r, steps, seq_len, a.global_batch)
+                    counts = [bytes_read(data, dp, r, steps, seq_len, a.global_batch, run)
                               for r in range(dp)]  # fmt: skip
                     per_dp[dp] = (counts[0], max(counts))
                 cells = [f"{r0:,} / {top:,}" for r0, top in per_dp.values()]
@@ -97,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict[int, float]:
                 row = [str(seq_len), str(steps), name, *cells, f"{two:.2f}", f"{four:.2f}"]
                 print(f"| {' | '.join(row)} |")
                 if data == indexed:
-                    ratios[seq_len] = four
+                    ratios[seq_len, run] = four
     return ratios
 
 

@@ -113,6 +113,7 @@ class BlendedSequences:
         first = self.sources[0]
         self.seq_len, self.overlap, self.length = first.seq_len, first.overlap, first.length
         self.split, self.seed, self.shuffle_window = first.split, first.seed, first.shuffle_window
+        self.shuffle_run = first.shuffle_run
         self.info = first.info  # the shared tokenizer's ids
 
     @property
@@ -137,6 +138,7 @@ class BlendedSequences:
             "seq_len": self.seq_len,
             "seed": self.seed,
             "shuffle_window": self.shuffle_window,
+            "shuffle_run": self.shuffle_run,
         }
 
     def rows(self, start: int, count: int) -> np.ndarray:

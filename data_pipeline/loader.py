@@ -39,6 +39,7 @@ __all__ = [
     "make_batches",
     "open_datasets",
     "read_shard_stream",
+    "with_defaults",
 ]
 
 Sequences = PackedSequences | BlendedSequences
@@ -183,11 +184,12 @@ class DistributedBatches:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        mine = self.state_dict()
-        for key in ("fingerprint", "seq_len", "seed", "shuffle_window", "objective"):
-            if state.get(key) != mine[key]:
+        mine, state = self.state_dict(), with_defaults(state)
+        for key in ("fingerprint", "seq_len", "seed", "shuffle_window", "shuffle_run", "objective"):
+            theirs = state.get(key)
+            if theirs != mine[key]:
                 raise DataError(
-                    f"the checkpoint's data {key} is {state.get(key)!r} but this run's is "
+                    f"the checkpoint's data {key} is {theirs!r} but this run's is "
                     f"{mine[key]!r} ({', '.join(str(i.path) for i in self.sequences.infos)}); "
                     f"resume with the same data and settings, or add 'data' to "
                     f"checkpoint.exclude_from_loading to start the data afresh"
@@ -200,6 +202,12 @@ class DistributedBatches:
         if self.workers is not None:
             self.workers.close()
         self._groups = None
+
+
+def with_defaults(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved loader state with the keys that states saved before them lack, at the value
+    those runs had: shuffle_run 1 (single sequences were shuffled)."""
+    return {"shuffle_run": 1, **state}
 
 
 def _setting(data: Any, key: str, default: Any) -> Any:
@@ -226,9 +234,10 @@ def make_batches(
     """The loader of one split for this rank, from the run's `data` settings.
 
     `data` is the DataConfig section or a mapping with its keys (path, blend, shuffle_window,
-    document_mask, mask_prob, noise_density, mean_span, num_workers, prefetch). `shuffle=False`
-    (validation) reads shards and sequences in order. With `vocab_size` (the model's embedding
-    rows) the ids are checked up front against token_counts.npz and each shard on reading.
+    shuffle_run, document_mask, mask_prob, noise_density, mean_span, num_workers, prefetch).
+    `shuffle=False` (validation) reads shards and sequences in order. With `vocab_size` (the
+    model's embedding rows) the ids are checked up front against token_counts.npz and each
+    shard on reading.
     `num_workers` overrides data.num_workers (0 suits a validation loader, which restarts at
     every evaluation and would discard what workers made ahead). `group_tokens`: see
     DistributedBatches.
@@ -245,6 +254,7 @@ def make_batches(
         mean_span=_setting(data, "mean_span", 3.0),
     )
     window = _setting(data, "shuffle_window", 1) if shuffle else 1
+    run = _setting(data, "shuffle_run", 1) if shuffle else 1
     sources = [
         PackedSequences(
             info,
@@ -253,6 +263,7 @@ def make_batches(
             seed,
             window,
             shuffle_shards=shuffle,
+            shuffle_run=run,
             overlap=obj.overlap,
             vocab_limit=vocab_size,
         )

@@ -158,8 +158,10 @@ def check_compatible(path: Path, cfg: Config, data_identity: dict[str, Any], dp:
         reshard.check_reshardable(path, meta, saved_shape or {}, cfg.model.vocab_size)
     saved = meta.get("data") or {}
     if "data" not in exclude and saved:
+        from data_pipeline.loader import with_defaults
+
         # data_identity: the state_dict() of the loader this run will build, less its position.
-        for key, saved_value in saved.items():
+        for key, saved_value in with_defaults(saved).items():
             if data_identity.get(key) != saved_value:
                 raise CheckpointError(
                     f"checkpoint {path} was trained on data with {key} {saved_value!r}, this "

@@ -449,6 +449,15 @@ class DataConfig:
         "A window holds window * (seq_len + 1) tokens in memory per rank (2 bytes each for "
         "vocabularies up to 65536); a window as large as an epoch shuffles globally.",
     )
+    shuffle_run: int = _f(
+        1,
+        "The shuffle moves runs of this many adjacent sequences, each kept in order (1: single "
+        "sequences). Runs let a data-parallel rank read neighbouring sequences together, which "
+        "pays for short ones: at 128 tokens, 4 cuts a rank's bytes read at DP=4 from 0.40 to "
+        "0.27 of DP=1's (at 64 tokens, 8: 0.53 to 0.29), at the price of batches holding runs "
+        "of neighbouring text. Aim for runs of about 1 KB of ids; best a divisor of "
+        "parallel.micro_batch_size.",
+    )
     blend: list[str] = _f(
         [],
         "Datasets mixed by weight, as 'WEIGHT PATH' entries, e.g. ['0.7 data/web', "
@@ -476,6 +485,13 @@ class DataConfig:
             "data.shuffle_window",
             self.shuffle_window,
             "use an integer >= 1 (1 disables shuffling)",
+        )
+        _need(
+            self.shuffle_run >= 1 and self.shuffle_window % self.shuffle_run == 0,
+            "data.shuffle_run",
+            self.shuffle_run,
+            f"use an integer >= 1 that divides data.shuffle_window={self.shuffle_window} "
+            f"(runs do not cross windows)",
         )
         from data_pipeline.blend_spec import parse_blend_entry
 

@@ -128,9 +128,11 @@ def test_dp_io_counts_bytes(small_dataset, capsys):
 
     ratios = dp_io.main(["--data", small_dataset, "--steps", "2", "--seq-len", "32",
                          "--global-batch", "4"])  # fmt: skip
-    assert list(ratios) == [32] and ratios[32] > 0
+    assert list(ratios) == [(32, 1), (32, 4)] and min(ratios.values()) > 0
     assert dp_io.bytes_read(small_dataset, 1, 0, 2, 32, 4) > 0
-    assert "| 32 | 2 | whole shards (no index) |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| 32 | 2 | whole shards (no index) |" in out
+    assert "| 32 | 2 | range reads, runs of 4 |" in out
 
 
 @pytest.mark.slow

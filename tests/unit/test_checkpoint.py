@@ -29,7 +29,7 @@ from pretrain.errors import CheckpointError
 
 FINGERPRINT = "f" * 64
 # What the run's train loader reports (its state_dict less the position).
-IDENTITY = {"fingerprint": FINGERPRINT, "seq_len": 32}
+IDENTITY = {"fingerprint": FINGERPRINT, "seq_len": 32, "shuffle_run": 1}
 
 
 def fake_checkpoint(ckpt_dir: Path, step: int, complete: bool = True, **meta) -> Path:
@@ -137,6 +137,16 @@ def test_incompatible_checkpoint_is_refused(tmp_path, meta, overrides, dp, messa
 def test_layout_changes_are_resharded(tmp_path, meta, overrides, dp, changes):
     path = fake_checkpoint(tmp_path, 10, tp_dims={}, **meta)
     assert check_compatible(path, cfg(*overrides), IDENTITY, dp=dp) == changes
+
+
+def test_a_checkpoint_from_before_shuffle_runs_counts_as_run_1(tmp_path):
+    """A checkpoint saved before data.shuffle_run existed records no shuffle_run: its data
+    order shuffled single sequences, so a run-4 resume is refused before any process group
+    (not later, by the loader, inside the ranks) and a run-1 resume passes."""
+    path = fake_checkpoint(tmp_path, 10)  # data: fingerprint and seq_len only
+    check_compatible(path, cfg(), IDENTITY, dp=2)
+    with pytest.raises(CheckpointError, match="shuffle_run 1, this run's is 4"):
+        check_compatible(path, cfg(), {**IDENTITY, "shuffle_run": 4}, dp=2)
 
 
 def test_excluding_the_data_allows_other_data(tmp_path):

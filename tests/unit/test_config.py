@@ -477,6 +477,13 @@ VALIDATE_CASES = [
     ),
     # data
     ov("data.shuffle_window", ["data.shuffle_window=0"], "data.shuffle_window", 0, ">= 1"),
+    ov(
+        "data.shuffle_run",
+        ["data.shuffle_window=64", "data.shuffle_run=3"],
+        "data.shuffle_run",
+        3,
+        "divides data.shuffle_window=64",
+    ),
     ov("data.blend-no-path", ["data.blend=['0.5']"], "data.blend[0]", "0.5", "'WEIGHT PATH'"),
     ov(
         "data.blend-weight",

@@ -124,6 +124,47 @@ def test_each_epoch_is_a_permutation_and_epochs_differ(small_dataset):
     assert seqs.shard_order(0) != seqs.shard_order(1)
 
 
+def test_shuffle_runs_keep_adjacent_sequences_together(small_dataset):
+    """data.shuffle_run=4 moves runs of 4 adjacent sequences, each in order, inside each
+    window; an epoch is still a permutation of the packed sequences. With run 1 the order is
+    the one runs left alone: one rng.permutation per window drawn from (seed, epoch,
+    window + 1), rebuilt here from the unshuffled sequences."""
+    info = DatasetInfo(small_dataset)
+    window, run = 16, 4
+    runs = PackedSequences(info, "train", L, seed=5, shuffle_window=window, shuffle_run=run)
+    n = runs.per_epoch
+    plain = epoch_sequences(runs, 0)
+    served = [r.astype(np.int64).tobytes() for r in runs.rows(0, n)]
+    assert Counter(served) == Counter(plain)
+    whole = n // window * window  # full windows; the last one is shorter
+    for w in range(0, whole, window):
+        # Each aligned group of 4 served is a whole run of the epoch from the same window.
+        runs_of_window = Counter(tuple(plain[j : j + run]) for j in range(w, w + window, run))
+        groups = Counter(tuple(served[i : i + run]) for i in range(w, w + window, run))
+        assert groups == runs_of_window, w
+    assert served != plain  # the runs were shuffled
+
+    single = PackedSequences(info, "train", L, seed=5, shuffle_window=window)
+    expected = []
+    for w in range(-(-n // window)):
+        size = min(window, n - w * window)
+        order = np.random.default_rng([5, 0, w + 1]).permutation(size)
+        expected += [plain[w * window + int(k)] for k in order]
+    assert [r.astype(np.int64).tobytes() for r in single.rows(0, n)] == expected
+
+
+def test_the_config_sets_the_shuffle_run_of_training_only(small_dataset):
+    """data.shuffle_run reaches the loader that make_batches builds from the run's config
+    section (as pretrain.train builds it); a validation loader (shuffle=False) keeps order."""
+    from pretrain.config import load_config
+
+    data = load_config(None, [f"data.path={small_dataset}", "data.shuffle_window=64",
+                              "data.shuffle_run=4"]).data  # fmt: skip
+    train = make_batches(data, "train", L, 0, 2)
+    assert train.state_dict()["shuffle_run"] == 4
+    assert make_batches(data, "val", L, 0, 2, shuffle=False).state_dict()["shuffle_run"] == 1
+
+
 def test_order_depends_on_seed_only(small_dataset):
     info = DatasetInfo(small_dataset)
     xa, xb, xc = (
@@ -173,7 +214,13 @@ def test_resume_across_epoch_boundary(small_dataset):
 
 @pytest.mark.parametrize(
     "key,value",
-    [("fingerprint", "0" * 64), ("seq_len", L + 1), ("seed", 99), ("shuffle_window", 3)],
+    [
+        ("fingerprint", "0" * 64),
+        ("seq_len", L + 1),
+        ("seed", 99),
+        ("shuffle_window", 3),
+        ("shuffle_run", 4),
+    ],
 )
 def test_state_from_other_data_is_rejected(small_dataset, key, value):
     info = DatasetInfo(small_dataset)
@@ -181,6 +228,20 @@ def test_state_from_other_data_is_rejected(small_dataset, key, value):
     state = {**loader.state_dict(), key: value}
     with pytest.raises(DataError, match=key):
         loader.load_state_dict(state)
+
+
+def test_a_state_from_before_shuffle_runs_resumes_as_run_1(small_dataset):
+    """Loader states saved before data.shuffle_run existed lack the key: they shuffled single
+    sequences, so they resume a run-1 loader and are refused by a run-4 one."""
+    info = DatasetInfo(small_dataset)
+    old = DistributedBatches(PackedSequences(info, "train", L, 0, 16), 2, 0, 1).state_dict()
+    del old["shuffle_run"]
+    loader = DistributedBatches(PackedSequences(info, "train", L, 0, 16), 2, 0, 1)
+    loader.load_state_dict({**old, "consumed": 6})
+    assert loader.consumed == 6
+    runs = DistributedBatches(PackedSequences(info, "train", L, 0, 16, shuffle_run=4), 2, 0, 1)
+    with pytest.raises(DataError, match="shuffle_run is 1 but this run's is 4"):
+        runs.load_state_dict(old)
 
 
 def test_missing_dataset_names_the_fix(tmp_path):

@@ -157,3 +157,30 @@ def test_ranks_read_a_share_of_the_bytes(small_dataset):
         assert np.array_equal(np.concatenate([r[0][step] for r in ranks]), one[step])
     shares = [r[1] / alone for r in ranks]
     assert all(0.2 < s < 0.35 for s in shares), shares
+
+
+def test_shuffle_runs_cut_what_ranks_read_of_short_sequences(small_dataset):
+    """Sequences of 128 tokens (258 bytes) read one by one cost about two 256-byte chunks
+    each, so 4 ranks read well over a quarter of one rank's bytes each; with
+    data.shuffle_run=8 each rank's sequences come in runs of 8 adjacent ones and each reads at
+    most 30% of one rank's bytes (the issue's bound), serving the same global batches.
+    (group_tokens=1: a loader makes no micro-batch ahead, so every rank reads exactly what
+    the 30 steps serve.)"""
+
+    def run(dp: int, rank: int, shuffle_run: int):
+        settings = {"path": small_dataset, "shuffle_window": 64, "shuffle_run": shuffle_run}
+        loader = make_batches(settings, "train", 128, 0, 32 // dp, dp_rank=rank, dp_size=dp,
+                              group_tokens=1)  # fmt: skip
+        rows = [loader.next_step()[0]["tokens"].numpy() for _ in range(30)]
+        return rows, loader.sequences.bytes_read
+
+    shares = {}
+    for shuffle_run in (1, 8):
+        one, alone = run(1, 0, shuffle_run)
+        ranks = [run(4, r, shuffle_run) for r in range(4)]
+        for step in range(30):
+            assert np.array_equal(np.concatenate([r[0][step] for r in ranks]), one[step])
+        shares[shuffle_run] = max(r[1] for r in ranks) / alone
+    assert shares[8] <= 0.30, shares
+    # Control: single sequences (what a loader that dropped data.shuffle_run would serve).
+    assert shares[1] > 0.40, shares
