@@ -143,7 +143,11 @@ class Trainer:
             decide(torch.tensor(loss * len(micro)), len(micro), norm)
         guard.after_update(step, self.engine.was_step_applied(), norm)
         if guard.stop and self.stop_reason is None:
-            self.stop_reason = "another rank asked to stop"
+            # A signal sent to the whole job reaches the ranks moments apart: one that arrived
+            # here after this step's check is still this rank's own reason (rank 0 prints it).
+            for hook in self.hooks:
+                getattr(hook, "before_update", lambda trainer: None)(self)
+            self.stop_reason = self.stop_reason or "another rank asked to stop"
         metrics = {"loss": loss, "lr": lr, "grad_norm": norm, "skipped": float(guard.skip)}
         if guard.reason and self.layout.is_main:
             print(f"step {step}: {guard.reason}", flush=True)
