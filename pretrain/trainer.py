@@ -126,8 +126,7 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
         step = self.state.step + 1
         self.faults.before_step(step)
-        for hook in self.hooks:  # stop requests that must be agreed in this step's collective
-            getattr(hook, "before_update", lambda trainer: None)(self)
+        self._ask_stop_hooks()  # stop requests that must be agreed in this step's collective
         before = {"data": self.train_data.state_dict(), "rng": self._rng_state()}
         guard = self.guard
         guard.reset()
@@ -145,8 +144,7 @@ class Trainer:
         if guard.stop and self.stop_reason is None:
             # A signal sent to the whole job reaches the ranks moments apart: one that arrived
             # here after this step's check is still this rank's own reason (rank 0 prints it).
-            for hook in self.hooks:
-                getattr(hook, "before_update", lambda trainer: None)(self)
+            self._ask_stop_hooks()
             self.stop_reason = self.stop_reason or "another rank asked to stop"
         metrics = {"loss": loss, "lr": lr, "grad_norm": norm, "skipped": float(guard.skip)}
         if guard.reason and self.layout.is_main:
@@ -165,6 +163,11 @@ class Trainer:
         elif guard.rollback:
             self._roll_back(step)
         return metrics
+
+    def _ask_stop_hooks(self) -> None:
+        """Let the hooks that can stop a run (signals, exit_after_*) set stop_reason."""
+        for hook in self.hooks:
+            getattr(hook, "before_update", lambda trainer: None)(self)
 
     def _rng_state(self) -> dict[str, Any]:
         return {"rng": rng_state(), "model_rng": model_rng(self.engine.module).state_dict()}
