@@ -263,8 +263,6 @@ def _run_permutation(rng: np.random.Generator, n: int, run: int) -> np.ndarray:
     one by one cost about two chunks each: at DP=4 a rank reads 0.40 of DP=1's bytes, with
     runs of 4 0.27 (benchmarks/dp_io.py).
     """
-    if run == 1:
-        return rng.permutation(n)
-    runs = rng.permutation(-(-n // run))
+    runs = rng.permutation(-(-n // run))  # with run 1: rng.permutation(n) itself
     order = (runs[:, None] * run + np.arange(run)).ravel()
     return order[order < n]
