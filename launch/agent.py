@@ -29,6 +29,7 @@ import threading
 import time
 
 from launch.supervise import POLL_S, descendants, kill, pass_on
+from pretrain.lifecycle import ignore_stop_signals
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 # What torchrun still handles itself: a quit asks for no save.
@@ -86,4 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # A late copy of the signal (Slurm signals every process of the step) must not turn the
+    # exit code into death by signal while the interpreter shuts down.
+    code = main()
+    ignore_stop_signals()
+    sys.exit(code)

@@ -7,6 +7,8 @@ Free of heavy imports: the entry point sets these up before torch loads.
   rather than killing the rank, so a stop asked for while it starts (the launcher passes it on
   as soon as the rank catches SIGTERM, see launch.supervise) is honoured at the first step
   boundary, with a save, like one that arrives later (the trainer's ExitHook takes it over).
+- `ignore_stop_signals`: a process's last step once its exit code is decided, so a late
+  duplicate of the stop signal cannot turn that code into death by signal.
 - `report_error`: one `error:` line for the whole run. Under pretrain-launch the first rank
   that fails claims the error file the launcher named (PRETRAIN_ERROR_FILE) and prints; the
   others stay quiet, and the launcher leaves out torchrun's failure report.
@@ -47,6 +49,21 @@ class StopSignals:
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.signalled = self.signalled or signal.Signals(signum).name
+
+
+def ignore_stop_signals() -> None:
+    """Ignore SIGTERM and SIGUSR1 from here to the process's end: for the entry points of
+    ranks and agents once they have their exit code.
+
+    Python puts its signal handlers back to the default while the interpreter shuts down, and
+    a stop signal often comes more than once: Slurm's process tracking signals every process
+    of the job step while the agent and the job script pass it on as well. A copy arriving
+    after a rank saved and returned 0 would kill it during shutdown; torchrun, the agent and
+    the batch script then see a failed rank, and a preempted job is not requeued. Ignored
+    (unlike caught) signals also survive exec, so this is for exiting processes only. SIGINT
+    is left alone: Ctrl-C still ends a shutdown that hangs."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _claim(path: str, code: int, line: str) -> bool:

@@ -485,5 +485,17 @@ def summarize(
         say("sample:\n" + cfg.run.sample_prompt + tok.decode(out))
 
 
+def console_main() -> int:
+    """`pretrain-train` and `python -m pretrain.train` (what torchrun starts on each rank):
+    main(), then no stop signal can change its exit code (lifecycle.ignore_stop_signals).
+    Kept apart from main(), which tests call in their own process."""
+    from pretrain import lifecycle
+
+    try:
+        return main()
+    finally:
+        lifecycle.ignore_stop_signals()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

@@ -362,6 +362,46 @@ def test_sigterm_to_torchrun_itself_saves_and_exits_0(small_dataset, tmp_path):
     assert f"stopped at step {int(ckpts[0].name[5:])}: received SIGTERM" in "".join(launch.out)
 
 
+# Run with `python -c`: an object whose __del__ runs while the interpreter shuts down, after
+# Python has put its signal handlers back to the default, marks that it ran and sends this
+# process SIGUSR1, a late copy of the stop signal.
+LATE_SIGNAL = """
+import os, runpy, signal, sys
+class Late:
+    def __del__(self, os=os, pid=os.getpid(), sig=signal.SIGUSR1):
+        os.close(os.open({mark!r}, os.O_CREAT | os.O_WRONLY))
+        os.kill(pid, sig)
+late = Late()
+"""
+
+
+@pytest.mark.slow
+def test_a_late_stop_signal_cannot_change_the_exit_code(small_dataset, tmp_path):
+    """A copy of the stop signal that reaches a rank while its interpreter shuts down (Slurm
+    signals every process of the job step; the agent and the job script pass it on too) leaves
+    the exit code alone: 0 after a finished run, so a preempted Slurm job is requeued. Control:
+    the same run through main() without the entry point around it dies of the signal."""
+    entries = {
+        "python -m pretrain.train": "runpy.run_module('pretrain.train', run_name='__main__')",
+        "main() only": "from pretrain.train import main; sys.exit(main())",
+    }
+    codes = {}
+    for i, (name, call) in enumerate(entries.items()):
+        mark = tmp_path / f"late-signal-sent-{i}"
+        args = run_args(Path(small_dataset), tmp_path / "runs", f"late{i}", "run.train_steps=6")
+        proc = subprocess.run(
+            [sys.executable, "-c", LATE_SIGNAL.format(mark=str(mark)) + call, TINY, *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
+        assert mark.exists(), proc.stderr  # the late signal was sent
+        assert "trained 6 steps" in proc.stdout, proc.stdout + proc.stderr  # a finished run
+        codes[name] = proc.returncode
+    assert codes == {"python -m pretrain.train": 0, "main() only": -signal.SIGUSR1}, codes
+
+
 @pytest.mark.slow
 def test_corrupt_shard_with_ids_in_range_is_one_error(small_dataset, tmp_path):
     """A flipped bit that keeps every id in range: the checksum on first read catches it, in
