@@ -50,6 +50,7 @@ def run_one(cmd: list[str], threads: int, steps: int) -> tuple[float, float]:
         raise SystemExit(f"{cmd[0]} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
     return float(per_cpu.group(1).replace(",", "")), statistics.median(steady)
 
+
 DEFAULT_OPTIONS = [
     "foreach AdamW=optim.implementation=foreach",
     "fused AdamW=optim.implementation=fused",

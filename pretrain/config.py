@@ -371,7 +371,9 @@ class ModelConfig:
             self.attention,
             f"{self.attention} attention is for model.family={family}; use "
             f"{'sliding_window' if self.family == 'gpt' else 'longformer'} for "
-            f"{self.family}" if self.family != "t5" else "T5 supports only attention: full",
+            f"{self.family}"
+            if self.family != "t5"
+            else "T5 supports only attention: full",
         )
         _need(
             self.attention_window >= 1,

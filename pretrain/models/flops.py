@@ -113,9 +113,7 @@ def _matmul_weights(cfg: ModelConfig, cross: bool = False) -> int:
     return attn + mlp + (attn if cross else 0)
 
 
-def flops_per_token(
-    cfg: ModelConfig, dec_len: int | None = None, embeddings: bool = True
-) -> int:
+def flops_per_token(cfg: ModelConfig, dec_len: int | None = None, embeddings: bool = True) -> int:
     """Training FLOPs per token: 6 per weight of every matrix multiply (forward 2, backward 4)
     (for a mixture of experts: the router and the top_k experts a token is routed to),
     the output projection included even when tied, plus the attention score and value products

@@ -100,7 +100,7 @@ def main() -> None:
     ballast = None
     if rank_mib and int(rank_mib.split(":")[0]) == int(os.environ.get("RANK", 0)):
         ballast = bytearray(int(rank_mib.split(":")[1]) * 2**20)
-        ballast[:: 4096] = b"\1" * len(ballast[:: 4096])  # touch every page: resident
+        ballast[::4096] = b"\1" * len(ballast[::4096])  # touch every page: resident
     try:
         trainer = run(cfg, info, resume_from, layout)
     except CheckpointError as e:  # as pretrain.train.main reports it: one line, exit status 2

@@ -122,9 +122,7 @@ def test_launch_runs_what_dry_run_prints(capsys, monkeypatch, dataset, tmp_path)
     ]
     printed = dry_run(capsys, *args)
     calls = []
-    monkeypatch.setattr(
-        launch_cli.supervise, "run", lambda cmd, env: calls.append((cmd, env)) or 7
-    )
+    monkeypatch.setattr(launch_cli.supervise, "run", lambda cmd, env: calls.append((cmd, env)) or 7)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert launch_main(args) == 7  # torchrun's exit status is passed on
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
