@@ -26,7 +26,7 @@ data: install
 demo: install data
 	$(BIN)/pretrain-launch configs/demo.yaml --nproc-per-node $(NPROC)
 
-test: install check
+test: install check lint
 	$(BIN)/pytest -q
 
 test-fast: install
