@@ -791,11 +791,13 @@ class ReliabilityConfig:
     inject: list[str] = _f(
         [],
         "TEST ONLY: faults to inject, 'KIND@STEP' or 'KIND@STEP:RANK' (rank 0 if omitted), "
-        "KIND one of nan, spike, sigterm, sigusr1, sigint, sigstop, sigkill, hang, error.",
+        "KIND one of nan, spike, sigterm, sigusr1, sigint, sigstop, sigkill, hang, error "
+        "(before the step), late-sigterm (SIGTERM during the step's forward pass).",
     )
 
     INJECTABLE = (
         "nan", "spike", "sigterm", "sigusr1", "sigint", "sigstop", "sigkill", "hang", "error",
+        "late-sigterm",
     )  # fmt: skip
 
     def validate(self) -> None:

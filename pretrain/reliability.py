@@ -227,6 +227,10 @@ class Faults:
     """TEST ONLY (`reliability.inject`): 'KIND@STEP[:RANK]' entries for this rank."""
 
     SIGNALS = {"sigterm": signal.SIGTERM, "sigusr1": signal.SIGUSR1, "sigint": signal.SIGINT}
+    # Kinds that act inside the step's forward pass (in_forward), not before the step.
+    # late-sigterm: SIGTERM after the step's own stop check, as when a signal sent to the
+    # whole job reaches this rank a moment after its peers.
+    IN_FORWARD = ("nan", "spike", "late-sigterm")
 
     def __init__(self, entries: list[str], rank: int):
         self.at: dict[int, list[str]] = {}
@@ -239,8 +243,8 @@ class Faults:
     def before_step(self, step: int) -> None:
         """Each entry fires once: a step number met again after a rollback finds it gone."""
         kinds = self.at.get(step, [])
-        fired = [k for k in kinds if k not in ("nan", "spike")]
-        self.at[step] = [k for k in kinds if k in ("nan", "spike")]
+        fired = [k for k in kinds if k not in self.IN_FORWARD]
+        self.at[step] = [k for k in kinds if k in self.IN_FORWARD]
         for kind in fired:
             # The time on the system-wide monotonic clock: tests measure how fast the job ends.
             print(
@@ -263,18 +267,30 @@ class Faults:
     @contextlib.contextmanager
     def in_forward(self, module: torch.nn.Module, step: int):
         """A NaN or 100x loss on this rank's micro-batches of `step`: the backward then carries
-        it into the gradients, as a real fault would."""
+        it into the gradients, as a real fault would. Or SIGTERM to this rank once its first
+        micro-batch's forward is done (late-sigterm)."""
         kinds = self.at.pop(step, [])
         factor = float("nan") if "nan" in kinds else 100.0 if "spike" in kinds else None
-        handle = None
+        handles = []
         if factor is not None:
             print(f"reliability.inject: {kinds[0]} at step {step}", file=sys.stderr, flush=True)
-            handle = module.register_forward_hook(lambda m, args, out: out * factor)
+            handles.append(module.register_forward_hook(lambda m, args, out: out * factor))
+        if "late-sigterm" in kinds:
+            print(f"reliability.inject: late-sigterm at step {step}", file=sys.stderr, flush=True)
+
+            sent: list[bool] = []
+
+            def late(m: torch.nn.Module, args: Any, out: Any) -> None:
+                if not sent:  # once, after the first micro-batch's forward
+                    sent.append(True)
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+            handles.append(module.register_forward_hook(late))
         try:
             yield
         finally:
-            if handle is not None:
-                handle.remove()
+            for h in handles:
+                h.remove()
 
 
 # --- hangs and lost peers ---------------------------------------------------------------------

@@ -6,8 +6,9 @@ Launches (each pays seconds of imports, so most runs share one):
   worker    one launch, in order: ref (the uninterrupted 16-step run, no loader workers),
             term_resumed (term continued to 16), skip / stop / stop_resumed (NaN on rank 1 at
             step 7), kskips (3 NaN steps in a row), spike (100x loss at step 30, skipped),
-            rollback (the same spike, rolled back to step 20), seed (a new seed: the negative
-            control of the determinism checks)
+            rollback (the same spike, rolled back to step 20), late / late_alone (SIGTERM
+            during rank 0's step 5 forward pass, with and without rank 1's before the step),
+            seed (a new seed: the negative control of the determinism checks)
   sigstop   rank 1 stopped (SIGSTOP) at step 4 with 10 s collective timeouts
   sigkill   rank 1 killed (SIGKILL) at step 4
 """
@@ -104,6 +105,16 @@ def runs(tmp_path_factory, small_dataset):
                 "checkpoint.interval=10",
             ],
         ),
+        # SIGTERM reaching the ranks moments apart: rank 1 before step 5's stop check, rank 0
+        # during that step's forward pass, after its check; then rank 0 alone, late.
+        (
+            "late",
+            common(tmp, data, "late", 8) + ["reliability.inject=[sigterm@5:1,late-sigterm@5:0]"],
+        ),
+        (
+            "late_alone",
+            common(tmp, data, "late_alone", 8) + ["reliability.inject=[late-sigterm@5:0]"],
+        ),
         ("seed", common(tmp, data, "seed") + ["run.seed=99", "run.exit_after_steps=3"]),
     ]
     spec = tmp / "scenarios.json"
@@ -195,6 +206,19 @@ def test_sigterm_to_one_rank_saves_on_all_and_resume_is_bitwise(runs):
         # ... and the resumed run continues the uninterrupted one bitwise.
         assert rank["term_resumed"]["losses"] == rank["ref"]["losses"][12:]
         assert rank["term_resumed"]["trace"][-1]["weights"] == rank["ref"]["trace"][-1]["weights"]
+
+
+def test_a_signal_landing_mid_step_is_still_that_ranks_reason(runs):
+    """A job's SIGTERM reaches rank 1 before step 5's stop check and rank 0 only during that
+    step: both stop after step 5 (rank 1's flag is agreed in the step), and rank 0, the rank
+    that prints the reason, names the signal, not 'another rank asked to stop'. Control: the
+    late signal alone is seen only after the step, so the job stops one step later."""
+    late = [rank["late"] for rank in runs["ranks"]]
+    assert [r["step"] for r in late] == [5, 5]
+    assert [r["stop_reason"] for r in late] == ["received SIGTERM", "received SIGTERM"]
+    alone = [rank["late_alone"] for rank in runs["ranks"]]
+    assert [r["step"] for r in alone] == [6, 6]
+    assert [r["stop_reason"] for r in alone] == ["received SIGTERM", "another rank asked to stop"]
 
 
 def test_a_new_seed_gives_other_losses(runs):
