@@ -270,10 +270,11 @@ class Faults:
         it into the gradients, as a real fault would. Or SIGTERM to this rank once its first
         micro-batch's forward is done (late-sigterm)."""
         kinds = self.at.pop(step, [])
-        factor = float("nan") if "nan" in kinds else 100.0 if "spike" in kinds else None
+        loss_fault = "nan" if "nan" in kinds else "spike" if "spike" in kinds else None
         handles = []
-        if factor is not None:
-            print(f"reliability.inject: {kinds[0]} at step {step}", file=sys.stderr, flush=True)
+        if loss_fault is not None:
+            factor = float("nan") if loss_fault == "nan" else 100.0
+            print(f"reliability.inject: {loss_fault} at step {step}", file=sys.stderr, flush=True)
             handles.append(module.register_forward_hook(lambda m, args, out: out * factor))
         if "late-sigterm" in kinds:
             print(f"reliability.inject: late-sigterm at step {step}", file=sys.stderr, flush=True)
