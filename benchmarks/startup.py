@@ -10,12 +10,13 @@ Two measurements in one go:
    the imports a rank needs before it can train (torch, DeepSpeed, megatron-core, our trainer).
 3. What was removed from start-up, before and after in the same run: each round also launches
    the same run with the removed imports put back into every rank (MLflow, which DeepSpeed's
-   autotuner imported, and pyarrow.dataset with pandas, which the manifest reader imported;
-   see pretrain/startup_imports.py), through a sitecustomize module on PYTHONPATH. The two
+   autotuner imported, pyarrow.dataset with pandas, which the manifest reader imported, and
+   TorchDynamo with Inductor, which megatron-core's `torch.compile` decorators imported; see
+   pretrain/startup_imports.py), through a sitecustomize module on PYTHONPATH. The two
    kinds alternate, so both see the same load. CPU time is the launch's and all its
    processes' (user + system), steadier than wall time on a shared machine.
 
-usage: python benchmarks/startup.py [--data DIR] [--rounds N]
+usage: python benchmarks/startup.py [--data DIR] [--rounds N] [--put-back mlflow pyarrow compile]
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = Path(sys.executable).parent / "pretrain-launch"
 STARTUP = re.compile(r"start-up: ([\d.]+) s from launch to the first step \((.*)\)")
-RANK_IMPORTS = (
-    "import torch, deepspeed, megatron.core.parallel_state, pretrain.trainer, "
-    "pretrain.engine, data_pipeline.loader"
+RANK_IMPORTS = (  # as pretrain.train imports them
+    "from pretrain.startup_imports import deepspeed_without_mlflow, megatron_without_dynamo\n"
+    "with deepspeed_without_mlflow(), megatron_without_dynamo():\n"
+    "    import torch, deepspeed, megatron.core.parallel_state\n"
+    "import pretrain.trainer, pretrain.engine, data_pipeline.loader"
 )
 
 
@@ -46,12 +49,19 @@ def timed_python(code: str) -> float:
     return time.perf_counter() - t
 
 
-# Run by every process of a "before" launch at interpreter start; only the ranks (torchrun sets
-# LOCAL_RANK for them) import what start-up no longer imports.
-PUT_BACK = """import os
-if "LOCAL_RANK" in os.environ:
-    import mlflow, pyarrow.dataset
-"""
+# What start-up no longer imports, by --put-back name: a "before" launch runs the chosen ones in
+# every rank (torchrun sets LOCAL_RANK for them) at interpreter start, from a sitecustomize.
+PUT_BACK = {
+    "mlflow": "import mlflow",
+    "pyarrow": "import pyarrow.dataset",
+    # what each of megatron-core's compiled activations did at its import
+    "compile": "import torch; torch.compile(len)",
+}
+
+
+def sitecustomize(names: list[str]) -> str:
+    lines = "".join(f"    {PUT_BACK[name]}\n" for name in names)
+    return f'import os\nif "LOCAL_RANK" in os.environ:\n{lines}'
 
 
 def _children_cpu() -> float:
@@ -97,13 +107,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(ROOT / "data" / "stdlib"))
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument(
+        "--put-back",
+        nargs="+",
+        choices=list(PUT_BACK),
+        default=list(PUT_BACK),
+        help="the removed imports the 'before' launches put back (default: all)",
+    )
     args = p.parse_args()
     torch_import = statistics.median(timed_python("import torch") for _ in range(args.rounds))
     rank_imports = statistics.median(timed_python(RANK_IMPORTS) for _ in range(args.rounds))
     with tempfile.TemporaryDirectory() as tmp:
         put_back = Path(tmp) / "put_back"
         put_back.mkdir()
-        (put_back / "sitecustomize.py").write_text(PUT_BACK)
+        (put_back / "sitecustomize.py").write_text(sitecustomize(args.put_back))
         path = os.pathsep.join(p for p in (str(put_back), os.environ.get("PYTHONPATH")) if p)
         runs, before = [], []
         for i in range(args.rounds):
@@ -120,7 +137,8 @@ def main() -> None:
     for name in names:
         s = statistics.median(r[2][name] for r in runs)
         print(f"| {name} | {s:.1f} | {s / torch_import:.2f} |")
-    print("removed imports put back (before) against as is (after), medians:")
+    put = ", ".join(args.put_back)
+    print(f"removed imports put back ({put}: before) against as is (after), medians:")
     for what, k in (("start-up", 1), ("launch CPU time", 3), ("launch wall time", 0)):
         a, b = statistics.median(r[k] for r in runs), statistics.median(r[k] for r in before)
         print(f"  {what}: before {b:.1f} s, after {a:.1f} s, after/before {a / b:.2f}")

@@ -148,10 +148,11 @@ def _main(argv: list[str] | None) -> int:
         reuse_freed_memory()
     from pretrain import distributed
     from pretrain.reliability import PeerFailure
-    from pretrain.startup_imports import deepspeed_without_mlflow
+    from pretrain.startup_imports import deepspeed_without_mlflow, megatron_without_dynamo
 
     fresh = not cfg.run.run_dir.exists()
-    with deepspeed_without_mlflow():  # DeepSpeed is first imported in setup()
+    # DeepSpeed and megatron-core are first imported in setup()
+    with deepspeed_without_mlflow(), megatron_without_dynamo():
         layout = distributed.setup(cfg)
     life.clock.mark("process groups")
     try:

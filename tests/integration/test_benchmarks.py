@@ -49,6 +49,19 @@ def test_e2e_parity_and_dp_scaling_quick(small_dataset, capsys):
     assert "| cross-entropy" in kernels.stdout
 
 
+@pytest.mark.slow  # two 2-rank launches of the tiny config, one with the old imports put back
+def test_startup_quick(small_dataset):
+    cmd = [sys.executable, str(ROOT / "benchmarks/startup.py"), "--rounds", "1"]
+    out = subprocess.run(
+        [*cmd, "--data", small_dataset],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "| process groups |" in out and "| engine |" in out
+    assert "(mlflow, pyarrow, compile: before)" in out and "start-up: before" in out
+
+
 @pytest.mark.slow
 def test_parity_breakdown_quick(capsys):
     import parity_breakdown

@@ -1,5 +1,6 @@
 """What a rank no longer imports at start-up (pretrain.startup_imports, data_pipeline.shards):
-MLflow through DeepSpeed's autotuner, and pandas through pyarrow's dataset reader. Each check
+MLflow through DeepSpeed's autotuner, Inductor through megatron-core's compiled activations,
+and pandas through pyarrow's dataset reader. Each check
 runs in a fresh interpreter (an import happens once per process), next to a control showing
 that the same import without the measure does load the module."""
 
@@ -38,6 +39,40 @@ from mlflow import MlflowClient  # still imports afterwards: rank 0's tracking n
     assert loaded(fixed, "deepspeed", "mlflow") == {"deepspeed": True, "mlflow": True}
     # Control: a plain `import deepspeed` imports MLflow (and FastAPI with it).
     assert loaded("import deepspeed", "mlflow", "fastapi") == {"mlflow": True, "fastapi": True}
+
+
+@pytest.mark.slow  # two fresh interpreters import megatron-core: about 6 s of CPU
+def test_megatron_imports_without_dynamo_and_compiles_on_first_call():
+    fixed = """
+import sys
+import torch
+compiles = []
+def counting(model=None, **options):  # stands for torch.compile, counting its real calls
+    compiles.append(options)
+    return real(model, **options)
+real, torch.compile = torch.compile, counting
+from pretrain.startup_imports import megatron_without_dynamo
+with megatron_without_dynamo():
+    import megatron.core.tensor_parallel
+    from megatron.core.fusions.fused_bias_gelu import bias_gelu
+    @torch.compile(backend="eager")
+    def f(x):
+        return x * 2 + 1
+assert torch.compile is counting, "torch.compile not restored after the block"
+assert bias_gelu.__name__ == "bias_gelu" and compiles == []
+assert "torch._dynamo" not in sys.modules and "torch._inductor.compile_fx" not in sys.modules
+x = torch.arange(3.0)
+assert torch.equal(f(x), x * 2 + 1) and torch.equal(f(x), x * 2 + 1)
+assert compiles == [{"backend": "eager"}], compiles  # compiled on the first call, once
+"""
+    assert loaded(fixed, "torch._dynamo", "megatron.core") == {
+        "torch._dynamo": True,
+        "megatron.core": True,
+    }
+    # Control: a plain import of megatron-core imports TorchDynamo and Inductor.
+    control = "import megatron.core.tensor_parallel"
+    got = loaded(control, "torch._dynamo", "torch._inductor.compile_fx")
+    assert got == {"torch._dynamo": True, "torch._inductor.compile_fx": True}
 
 
 def test_reading_a_manifest_imports_no_pandas(tmp_path):
