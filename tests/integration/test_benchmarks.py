@@ -62,6 +62,21 @@ def test_startup_quick(small_dataset):
     assert "(mlflow, pyarrow, compile: before)" in out and "start-up: before" in out
 
 
+def test_tokenization_and_shard_checksum_quick(small_dataset):
+    """Two scripts without a quick setting of their own, run at their smallest: one round of
+    the bytes tokenizer (no BPE training), and the checksum over the small dataset."""
+    tok = [sys.executable, str(ROOT / "benchmarks/tokenization.py"), "--tokenizer", "bytes"]
+    out = subprocess.run(
+        [*tok, "--rounds", "1", "--workers", "2"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "| bytes | 2 |" in out and "HF encode_batch" in out
+    checksum = [sys.executable, str(ROOT / "benchmarks/shard_checksum.py"), "--data"]
+    out = subprocess.run(
+        [*checksum, small_dataset], capture_output=True, text=True, check=True
+    ).stdout
+    assert "read with sha256" in out
+
+
 @pytest.mark.slow
 def test_parity_breakdown_quick(capsys):
     import parity_breakdown
