@@ -77,6 +77,30 @@ def test_tokenization_and_shard_checksum_quick(small_dataset):
     assert "read with sha256" in out
 
 
+@pytest.mark.slow  # four fresh processes, three of them importing DeepSpeed and megatron-core
+def test_loader_throughput_moe_and_fit_recovery_quick(small_dataset):
+    """The other benchmark scripts of docs/benchmarks.md that run in one process, each at its
+    smallest setting: make bench's loader entry (its quick arguments), the in-process
+    throughput ratio, the MoE comparison and the scaling-law fit recovery."""
+
+    def run(script: str, *args: str) -> str:
+        cmd = [sys.executable, str(ROOT / "benchmarks" / script), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+
+    import suite
+
+    loader_args = suite.SUITE["loader"][3]
+    assert "| span | 4 x 32 |" in run("loader.py", "--data", small_dataset, *loader_args)
+    assert "| tiny.yaml | 1 |" in run(
+        "throughput.py", "configs/tiny.yaml", f"data.path={small_dataset}"
+    )
+    out = run(
+        "moe.py", "--steps", "6", "--window", "1", "--eval-batches", "1", "--data", small_dataset
+    )
+    assert "| dense |" in out and "| switch, no router losses |" in out
+    assert "| wide |" in run("scaling_fit_recovery.py", "--seeds", "1")
+
+
 @pytest.mark.slow
 def test_parity_breakdown_quick(capsys):
     import parity_breakdown
