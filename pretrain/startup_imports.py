@@ -8,9 +8,12 @@ of MLflow it uses, on rank 0 and only with tracking on (pretrain.tracking).
 
 `import megatron.core` defines its fused activations with `torch.compile` as a decorator
 (`megatron.core.jit.jit_fuser`), and that call imports TorchDynamo and Inductor (with sympy):
-about 2.3 s of a rank's start-up on a 2-core CPU, a third of a tiny run's, for functions our
-models never call (they use megatron-core's tensor-parallel layers, not its transformer).
-torch.compile compiles nothing before the first call anyway; only its imports are eager.
+2.4 s of a one-process tiny run's 6.7 s of imports (`python -X importtime`, 2-core CPU), for
+functions our models never call (they use megatron-core's tensor-parallel layers, not its
+transformer). torch.compile compiles nothing before the first call anyway; only its imports
+are eager. TorchDynamo still comes later (torch's optimizer imports it at its first
+add_param_group), Inductor not: the rank's start-up is about 1.3 s shorter
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
