@@ -62,6 +62,7 @@ def test_startup_quick(small_dataset):
     assert "(mlflow, pyarrow, compile: before)" in out and "start-up: before" in out
 
 
+@pytest.mark.slow  # the tokenizer benchmark starts worker processes
 def test_tokenization_and_shard_checksum_quick(small_dataset):
     """Two scripts without a quick setting of their own, run at their smallest: one round of
     the bytes tokenizer (no BPE training), and the checksum over the small dataset."""

@@ -1,8 +1,8 @@
 """What a rank no longer imports at start-up (pretrain.startup_imports, data_pipeline.shards):
 MLflow through DeepSpeed's autotuner, Inductor through megatron-core's compiled activations,
-and pandas through pyarrow's dataset reader. Each check
-runs in a fresh interpreter (an import happens once per process), next to a control showing
-that the same import without the measure does load the module."""
+and pandas through pyarrow's dataset reader. Each check runs in a fresh interpreter (an import
+happens once per process), next to a control showing that the same import without the measure
+does load the module."""
 
 from __future__ import annotations
 
